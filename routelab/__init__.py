@@ -1,0 +1,27 @@
+"""routelab: routing in sparse and modular neural networks.
+
+Every routing method is a router built from parts (scorer -> score function -> selector,
++ balancer, + losses) that returns one ``Routing`` object, run by one fast MoE layer.
+"""
+
+from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
+from routelab.moe import MoE, MoEOutput
+from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "MoE",
+    "MoEOutput",
+    "Router",
+    "Routing",
+    "RoutelabError",
+    "RoutingContext",
+    "TokenBatch",
+    "create_router",
+    "end_of_step",
+    "list_routers",
+    "preset_info",
+]

@@ -1,0 +1,7 @@
+"""Core types: Routing, contexts, registry, errors and statistics."""
+
+from routelab.core.context import RoutingContext, TokenBatch
+from routelab.core.errors import ConfigError, InputError, RoutelabError, UnknownNameError
+from routelab.core.routing import Routing
+
+__all__ = ["ConfigError", "InputError", "Routing", "RoutelabError", "RoutingContext", "TokenBatch", "UnknownNameError"]

@@ -1,0 +1,100 @@
+"""Argument checks shared by routers and layers; each raises a message naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from routelab.core.errors import ConfigError, InputError
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def check_top_k(top_k: object, num_experts: int, name: str = "top_k") -> int:
+    top_k = check_positive_int(name, top_k)
+    if top_k > num_experts:
+        raise ConfigError(
+            f"{name}={top_k} is larger than num_experts={num_experts}: a token cannot pick more "
+            f"experts than exist. Use {name} <= {num_experts} or add experts."
+        )
+    return top_k
+
+
+def check_probability(name: str, value: float, *, open_low: bool = False) -> float:
+    value = float(value)
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value <= 1) or math.isnan(value):
+        bound = "(0, 1]" if open_low else "[0, 1]"
+        raise ConfigError(f"{name} must lie in {bound}, got {value}.")
+    return value
+
+
+def check_non_negative(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}.")
+    return value
+
+
+def check_capacity_factor(value: float | None, name: str = "capacity_factor") -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(
+            f"{name} must be > 0 (or None for dropless routing), got {value}. "
+            "Typical values are 1.0-1.25 in training and 2.0 in evaluation."
+        )
+    return value
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        from routelab.core.errors import suggest
+
+        raise ConfigError(f"{name}={value!r} must be one of {choices}.{suggest(str(value), choices)}")
+    return value
+
+
+def check_activations(x: torch.Tensor, d_model: int, name: str = "x", *, finite: bool = True) -> None:
+    """Check a ``[batch, seq, d_model]`` floating tensor; optionally that it holds no NaN/Inf."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of shape [batch, seq, {d_model}], got {type(x).__name__}.")
+    if x.dim() != 3:
+        raise InputError(
+            f"{name} must have shape [batch, seq, d_model] (3 dimensions), got shape {tuple(x.shape)}. "
+            f"Reshape a [tokens, d_model] tensor with {name}.unsqueeze(0)."
+        )
+    if x.shape[-1] != d_model:
+        raise InputError(f"{name} has width {x.shape[-1]} but the layer was built with d_model={d_model}.")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be a floating tensor (float32/bfloat16/float16/float64), got {x.dtype}.")
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(
+            f"{name} contains {bad} NaN/Inf values; the MoE layer refuses to route them. "
+            "Check the layers before it (or pass check_inputs=False to skip this check)."
+        )
+
+
+def check_token_tensor(name: str, t: torch.Tensor | None, batch: int, seq: int, *, dtype_kind: str) -> None:
+    """Check an optional ``[batch, seq]`` tensor: ``dtype_kind`` is 'bool' or 'int'."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of shape [{batch}, {seq}], got {type(t).__name__}.")
+    if tuple(t.shape) != (batch, seq):
+        raise InputError(f"{name} must have shape [batch, seq] = [{batch}, {seq}], got {tuple(t.shape)}.")
+    if dtype_kind == "bool" and t.dtype != torch.bool:
+        raise InputError(f"{name} must be a bool tensor (True = real token), got {t.dtype}. Use {name}.bool().")
+    if dtype_kind == "int" and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+        raise InputError(f"{name} must be an integer tensor of token ids, got {t.dtype}. Use {name}.long().")
+    if dtype_kind == "int" and t.numel() and int(t.min()) < 0:
+        raise InputError(f"{name} holds negative ids (min {int(t.min())}); token ids must be >= 0.")

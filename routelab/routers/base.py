@@ -1,0 +1,243 @@
+"""The router: a composition of parts (scorer -> score function -> selector, + balancer, + losses).
+
+Each part is a small ``nn.Module`` with one job. They communicate through a
+``RoutingDraft``, the in-progress routing of one forward call, so a part can read what the
+parts before it produced (e.g. the noisy top-k load loss reads the noise scale the scorer
+drew) without any module-global state. ``Router.forward`` turns the draft into the
+immutable-by-convention ``Routing`` that dispatch and metrics consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from routelab.core.context import TokenBatch
+from routelab.core.routing import Routing
+from routelab.core.stats import expert_load, routing_stats
+
+
+@dataclass
+class RoutingDraft:
+    """Everything computed so far in one router forward (fp32 throughout).
+
+    ``selection_scores_TE`` are the scores the selector ranks (scores plus any balancing
+    bias); gates are always taken from the unbiased ``scores_TE`` unless a selector says
+    otherwise.
+    """
+
+    x_TD: torch.Tensor
+    batch: TokenBatch
+    num_experts: int
+    top_k: int
+    training: bool
+    logits_TE: torch.Tensor | None = None
+    scores_TE: torch.Tensor | None = None
+    selection_scores_TE: torch.Tensor | None = None
+    topk_idx_TK: torch.Tensor | None = None
+    gate_TK: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    extra_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.x_TD.shape[0])
+
+    def probs_TE(self) -> torch.Tensor:
+        """Scores normalised to sum to 1 per token (softmax scores are returned as they are).
+
+        Balance losses use these as the router's probability of each expert, so that they
+        are meaningful for sigmoid and ReLU score functions too.
+        """
+        assert self.scores_TE is not None
+        if self.extras.get("scores_are_probs", False):
+            return self.scores_TE
+        return self.scores_TE / self.scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+class StatefulPart(nn.Module):
+    """A part with state that must be updated exactly once per optimizer step."""
+
+    def end_of_step(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Scorer(nn.Module):
+    """``x_TD`` (fp32) -> ``logits_TE`` (fp32)."""
+
+    def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ScoreFunction(nn.Module):
+    """``logits_TE`` -> ``scores_TE``."""
+
+    probabilities: bool = False  # True when the scores already sum to 1 per token
+
+    def forward(self, logits_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Selector(nn.Module):
+    """Reads the draft, returns ``(topk_idx_TK, gate_TK)`` with ``-1``/0 in empty slots.
+
+    ``gate_TK`` are raw gate values before gate normalisation (normally the unbiased
+    scores at the selected experts).
+    """
+
+    def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Balancer(StatefulPart):
+    """A stateful bias that changes which experts are selected but never the gate values."""
+
+    def selection_scores(self, scores_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def observe(self, draft: RoutingDraft) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class RouterLoss(nn.Module):
+    """A named auxiliary loss with a coefficient; ``forward`` returns the unweighted scalar."""
+
+    def __init__(self, name: str, coef: float) -> None:
+        super().__init__()
+        self.name = name
+        self.coef = float(coef)
+
+    def forward(self, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Router(nn.Module):
+    """A token router assembled from parts; see DESIGN.md.
+
+    Args:
+        num_experts: ``E``.
+        top_k: nominal experts per token (selectors may leave slots empty).
+        scorer, score_fn, selector, gate_norm: the pipeline parts.
+        balancer: optional stateful selection bias.
+        losses: auxiliary losses; ``Routing.aux_loss`` is ``sum(coef * loss)``.
+        capacity: optional token-dropping stage applied after selection.
+        name: the preset name, for display.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        top_k: int,
+        scorer: Scorer,
+        score_fn: ScoreFunction,
+        selector: Selector,
+        gate_norm: nn.Module,
+        balancer: Balancer | None = None,
+        losses: list[RouterLoss] | tuple[RouterLoss, ...] = (),
+        capacity: nn.Module | None = None,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.scorer = scorer
+        self.score_fn = score_fn
+        self.selector = selector
+        self.gate_norm = gate_norm
+        self.balancer = balancer
+        self.losses = nn.ModuleList(losses)
+        self.capacity = capacity
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
+
+    def forward(self, x_TD: torch.Tensor, batch: TokenBatch | None = None) -> Routing:
+        """Route ``x_TD`` (``[T, D]``, real tokens only). ``batch`` describes their layout."""
+        num_tokens = x_TD.shape[0]
+        if batch is None:
+            batch = TokenBatch.single_sequence(num_tokens, device=x_TD.device)
+        device_type = x_TD.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            draft = RoutingDraft(
+                x_TD=x_TD.float(),
+                batch=batch,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                training=self.training,
+            )
+            draft.logits_TE = self.scorer(draft.x_TD, draft).float()
+            draft.scores_TE = self.score_fn(draft.logits_TE, draft)
+            draft.extras.setdefault("scores_are_probs", self.score_fn.probabilities)
+            if self.balancer is not None:
+                draft.selection_scores_TE = self.balancer.selection_scores(draft.scores_TE, draft)
+            else:
+                draft.selection_scores_TE = draft.scores_TE
+            topk_idx_TK, gate_TK = self.selector(draft)
+            gate_TK = self.gate_norm(gate_TK, topk_idx_TK, draft)
+            gate_TK = torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
+            draft.topk_idx_TK, draft.gate_TK = topk_idx_TK, gate_TK
+
+            losses = self._losses(draft)
+            if self.training and self.balancer is not None:
+                with torch.no_grad():
+                    self.balancer.observe(draft)
+
+            load_before_drop_E = expert_load(topk_idx_TK, self.num_experts)
+            selected = load_before_drop_E.sum()
+            capacity = None
+            if self.capacity is not None:
+                topk_idx_TK, gate_TK, capacity = self.capacity(topk_idx_TK, gate_TK, draft)
+            stats = routing_stats(
+                topk_idx_TK,
+                self.num_experts,
+                selected_assignments=selected,
+                load_before_drop_E=load_before_drop_E,
+            )
+            stats.update(draft.extra_stats)
+            capacity = draft.extras.get("capacity", capacity)
+        aux_loss = x_TD.new_zeros((), dtype=torch.float32)
+        for loss in self.losses:
+            if loss.coef != 0.0:
+                aux_loss = aux_loss + loss.coef * losses[loss.name]
+        return Routing(
+            topk_idx=topk_idx_TK,
+            topk_weight=gate_TK,
+            logits=draft.logits_TE,
+            scores=draft.scores_TE,
+            num_experts=self.num_experts,
+            losses=losses,
+            aux_loss=aux_loss,
+            stats=stats,
+            capacity=capacity,
+        )
+
+    def _losses(self, draft: RoutingDraft) -> dict[str, torch.Tensor]:
+        if draft.num_tokens == 0:
+            zero = draft.x_TD.new_zeros(())
+            return {loss.name: zero for loss in self.losses}
+        return {loss.name: loss(draft) for loss in self.losses}
+
+    def end_of_step(self) -> None:
+        """Update every stateful part of this router (call once per optimizer step)."""
+        for module in self.modules():
+            if isinstance(module, StatefulPart):
+                module.end_of_step()
+
+
+def end_of_step(model: nn.Module) -> int:
+    """Call the once-per-optimizer-step update of every stateful routing part in ``model``.
+
+    Call it after ``optimizer.step()`` (after all gradient-accumulation micro-batches).
+    Returns the number of parts updated.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, StatefulPart):
+            module.end_of_step()
+            count += 1
+    return count

@@ -1,0 +1,6 @@
+"""Importing this package registers every preset (one module per family), in list order."""
+
+from routelab.routers.presets import standard  # noqa: F401  (switch, gshard, mixtral, topk, noisy-topk)
+from routelab.routers.presets import deepseek  # noqa: F401  (deepseek-v3, loss-free)
+from routelab.routers.presets import expert_choice  # noqa: F401
+from routelab.routers.presets import fixed  # noqa: F401  (hash, random-fixed)

@@ -1,0 +1,49 @@
+"""The expert-choice preset (Zhou et al. 2022; spec §2)."""
+
+from __future__ import annotations
+
+from routelab.routers.base import Router
+from routelab.routers.expert_choice import ExpertChoice
+from routelab.routers.gates import GateNorm
+from routelab.routers.presets.common import linear_scorer, standard_losses
+from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
+from routelab.routers.score_functions import Softmax
+
+
+@register_preset(
+    "expert-choice",
+    description="each expert picks its top-C tokens per sequence (C = L*k*cf/E); tokens get 0..E experts",
+    paper="Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing (arXiv 2202.09368)",
+    default_top_k=2,
+    common_defaults={"capacity_factor": 1.0},
+    exemptions={
+        "token_permutation": "experts compare tokens within a sequence: holds for permutations inside one "
+        "sequence, not across sequences (tested per sequence)",
+        "weights_sum_to_one": "gates are softmax probabilities of the experts that picked the token",
+    },
+)
+def build_expert_choice(
+    spec: RouterSpec, common: CommonOptions, *, ec_gate: str = "softmax", ec_grouping: str = "sequence"
+) -> Router:
+    """Expert choice: ``top_k`` is the average number of experts per token and
+    ``capacity_factor`` scales every expert's per-sequence capacity ``floor(L*k*cf/E)``.
+    ``ec_gate`` is ``softmax`` (Zhou et al.), ``post-softmax`` or ``sigmoid`` (EC-DLM);
+    ``ec_grouping`` is ``sequence`` (default) or ``batch``.
+    """
+    selector = ExpertChoice(
+        spec.num_experts,
+        spec.top_k,
+        capacity_factor=common.capacity_factor or 1.0,
+        gate=ec_gate,
+        grouping=ec_grouping,
+    )
+    return Router(
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        scorer=linear_scorer(spec, common),
+        score_fn=Softmax(),
+        selector=selector,
+        gate_norm=GateNorm("none"),
+        losses=standard_losses(common),
+        capacity=None,
+    )
