@@ -1,0 +1,1 @@
+"""Benchmark harnesses (timed as ratios against references measured in the same run)."""

@@ -1,0 +1,31 @@
+"""The ``routelab`` command. Each command group lives in ``routelab/commands/<group>.py``
+and exposes ``register(app)``; this module only assembles them."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+COMMAND_MODULES = (
+    "routelab.commands.routers",
+)
+
+app = typer.Typer(
+    name="routelab",
+    help="routelab: routing in sparse and modular neural networks (router zoo, MoE layer, lab, diagnostics).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``routelab list`` and ``routelab bench``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def list_command(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each preset's options and defaults."),
+) -> None:
+    """List every router preset with its paper."""
+    from routelab.routers.registry import PRESETS
+
+    table = Table(title=f"routelab routers ({len(PRESETS)} presets)", show_lines=verbose)
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    table.add_column("paper", style="dim")
+    if verbose:
+        table.add_column("options (defaults)")
+    for info in PRESETS:
+        row = [info.name, info.description, info.paper]
+        if verbose:
+            row.append(", ".join(f"{k}={v!r}" for k, v in info.options().items()))
+        table.add_row(*row)
+    console.print(table)
+
+
+def bench_command(
+    routers: str = typer.Option("mixtral", "--routers", help="Comma-separated presets, or 'all' for the router-cost table."),
+    shapes: str = typer.Option("coarse,fine", "--shapes", help="Comma-separated shapes: coarse (E=8,k=2,h=1024), fine (E=64,k=8,h=128)."),
+    dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="Comma-separated dtypes."),
+    tokens: int = typer.Option(4096, "--tokens", help="Tokens per forward."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repetitions (the median is reported)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repeats (a smoke run)."),
+) -> None:
+    """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
+    from routelab.benchmarks.layer import run_layer_benchmark, run_router_cost_benchmark
+
+    if quick:
+        tokens, repeats = min(tokens, 1024), min(repeats, 2)
+    shape_names = [s.strip() for s in shapes.split(",") if s.strip()]
+    dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
+    if routers.strip() == "all" or "," in routers:
+        names = None if routers.strip() == "all" else [r.strip() for r in routers.split(",")]
+        run_router_cost_benchmark(names, shape_names, tokens=tokens, repeats=repeats, console=console)
+    else:
+        run_layer_benchmark(routers.strip(), shape_names, dtype_names, tokens=tokens, repeats=repeats, console=console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list")(list_command)
+    app.command("bench")(bench_command)
