@@ -50,6 +50,9 @@ class MoE(nn.Module):
         num_shared_experts: always-on experts (DeepSeekMoE), fused into one dense FFN of
             width ``num_shared_experts * shared_d_hidden``, added with gate 1.
         shared_d_hidden: hidden width per shared expert (default ``d_hidden``).
+        shared_expert_gate: scale the shared experts' output by a learned per-token
+            ``sigmoid(w^T x)`` (Qwen2-MoE; the condenser experts of arXiv 2604.23036)
+            instead of gate 1.
         dispatch: ``auto`` (grouped GEMM when available), ``grouped_mm`` or ``loop``.
         check_inputs: check ``x`` for NaN/Inf on every call (one cheap pass).
         **router_options: options of the preset (e.g. ``capacity_factor``, ``z_loss_coef``).
@@ -66,6 +69,7 @@ class MoE(nn.Module):
         activation: str = "swiglu",
         num_shared_experts: int = 0,
         shared_d_hidden: int | None = None,
+        shared_expert_gate: bool = False,
         dispatch: str = "auto",
         check_inputs: bool = True,
         **router_options: Any,
@@ -94,6 +98,11 @@ class MoE(nn.Module):
         if num_shared_experts:
             width = num_shared_experts * (shared_d_hidden or d_hidden)
             self.shared_experts = DenseFFN(d_model, width, activation)
+        self.shared_gate = None
+        if shared_expert_gate:
+            if not num_shared_experts:
+                raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1.")
+            self.shared_gate = nn.Linear(d_model, 1, bias=False)
         self.check_inputs = check_inputs
 
     def forward(
@@ -139,7 +148,10 @@ class MoE(nn.Module):
         routing = self.router(x_TD, batch)
         y_TD = dispatch_combine(x_TD, routing.topk_idx, routing.topk_weight, self.experts)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         if batch.has_padding:
             y_flat = y_TD.new_zeros(batch_size * seq_len, self.d_model).index_copy(0, batch.flat_index_T, y_TD)
         else:
