@@ -1,0 +1,264 @@
+"""``routelab train``, ``routelab compare`` and ``routelab demo``."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from routelab.core.errors import ConfigError, RoutelabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Print routelab errors as one clear message (exit code 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except RoutelabError as error:
+            err_console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]stopped; run the same command with --resume (train) or again (compare) to continue.[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are read as YAML scalars (numbers, true/false, null)."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--option {item!r} must look like KEY=VALUE, e.g. --option aux_loss_coef=0.01.")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def parse_top_k(value: str | None) -> int | list[int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--top-k {value!r} must be an integer or a comma-separated list (one per MoE layer).") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+def parse_ints(value: str | None, flag: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. {flag} 0,1,2.") from None
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """Only the options the user set (typer gives None for the others)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# Shared option declarations (typer reads the defaults' metadata).
+D_MODEL = typer.Option(None, "--d-model", help="Model width.")
+N_LAYERS = typer.Option(None, "--n-layers", help="Transformer layers.")
+N_HEADS = typer.Option(None, "--n-heads", help="Attention heads.")
+NUM_EXPERTS = typer.Option(None, "--num-experts", help="Routed experts per MoE layer.")
+TOP_K = typer.Option(None, "--top-k", help="Experts per token, or one value per MoE layer (comma-separated).")
+EXPERT_WIDTH = typer.Option(None, "--expert-d-hidden", help="Hidden width of each expert (default: 4*d_model).")
+MOE_EVERY = typer.Option(None, "--moe-every", help="Every n-th layer is MoE (1 = all).")
+SHARED = typer.Option(None, "--shared-experts", help="Always-on shared experts per MoE layer.")
+STEPS = typer.Option(None, "--steps", help="Optimizer steps.")
+BATCH = typer.Option(None, "--batch-size", help="Sequences per micro-batch.")
+SEQ_LEN = typer.Option(None, "--seq-len", help="Tokens per sequence.")
+ACCUM = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
+LR = typer.Option(None, "--lr", help="Peak learning rate.")
+WARMUP = typer.Option(None, "--warmup-steps", help="Linear warmup steps.")
+PRECISION = typer.Option(None, "--precision", help="fp32, bf16 or auto (bf16 where the CPU has native bf16).")
+EVAL_EVERY = typer.Option(None, "--eval-every", help="Steps between evaluations.")
+EVAL_TOKENS = typer.Option(None, "--eval-tokens", help="Validation tokens per evaluation.")
+CKPT_EVERY = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints.")
+CORPUS = typer.Option(None, "--corpus", help="'default' (drama + Python code) or a folder of text files / one file.")
+MAX_BYTES = typer.Option(None, "--max-bytes-per-domain", help="Cap on the bytes read per domain.")
+VOCAB = typer.Option(None, "--vocab-size", help="BPE vocabulary size.")
+CACHE = typer.Option(None, "--cache-dir", help="Prepared-corpus cache (default $ROUTELAB_CACHE or .cache/routelab).")
+NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
+
+
+def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared) -> dict[str, Any]:
+    return given(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, num_experts=num_experts, top_k=parse_top_k(top_k),
+        expert_d_hidden=expert_d_hidden, moe_every=moe_every, num_shared_experts=shared,
+    )
+
+
+@friendly_errors
+def train_command(
+    router: str = typer.Option("mixtral", "--router", help="Router preset (routelab list), or 'dense'."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/train/<router>-seed<seed>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation and data order."),
+    corpus: Optional[str] = CORPUS,
+    max_bytes_per_domain: Optional[int] = MAX_BYTES,
+    vocab_size: Optional[int] = VOCAB,
+    d_model: Optional[int] = D_MODEL,
+    n_layers: Optional[int] = N_LAYERS,
+    n_heads: Optional[int] = N_HEADS,
+    num_experts: Optional[int] = NUM_EXPERTS,
+    top_k: Optional[str] = TOP_K,
+    expert_d_hidden: Optional[int] = EXPERT_WIDTH,
+    moe_every: Optional[int] = MOE_EVERY,
+    shared_experts: Optional[int] = SHARED,
+    steps: Optional[int] = STEPS,
+    batch_size: Optional[int] = BATCH,
+    seq_len: Optional[int] = SEQ_LEN,
+    grad_accum: Optional[int] = ACCUM,
+    lr: Optional[float] = LR,
+    warmup_steps: Optional[int] = WARMUP,
+    precision: Optional[str] = PRECISION,
+    eval_every: Optional[int] = EVAL_EVERY,
+    eval_tokens: Optional[int] = EVAL_TOKENS,
+    checkpoint_every: Optional[int] = CKPT_EVERY,
+    cache_dir: Optional[Path] = CACHE,
+    no_progress: bool = NO_PROGRESS,
+) -> None:
+    """Train one TinyLM with one router on a corpus (resumable with --resume)."""
+    from routelab.lab.config import CorpusSettings, ModelSettings, RouterEntry, TrainConfig, validated
+    from routelab.lab.data import prepare_corpus
+    from routelab.lab.experiment import ExperimentConfig, check_routers
+    from routelab.lab.train import train_run
+
+    model = validated(ModelSettings, model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden,
+                                                    moe_every, shared_experts), "model options")
+    train = validated(TrainConfig, given(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        precision=precision, eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed,
+    ), "training options")
+    corpus_settings = validated(CorpusSettings, given(source=corpus, max_bytes_per_domain=max_bytes_per_domain,
+                                                      vocab_size=vocab_size), "corpus options")
+    entry = RouterEntry(name=router, options=parse_options(option))
+    check_routers(ExperimentConfig(routers=[entry], model=model))
+    with err_console.status("preparing the corpus and tokenizer ..."):
+        prepared = prepare_corpus(corpus_settings.options(), cache_dir=cache_dir)
+    folder = out or Path("runs") / "train" / f"{router}-seed{seed}"
+    model_config = model.tinylm(vocab_size=prepared.vocab_size, max_seq_len=train.seq_len, router=router,
+                                router_options=entry.options)
+    summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
+                        show_progress=not no_progress, label=router)
+    final = summary["final_eval"]
+    domains = ", ".join(f"{d} {v:.3f}" for d, v in final["val_loss_by_domain"].items())
+    console.print(
+        f"[bold]{router}[/]: val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.1f}; {domains}), "
+        f"{summary['train_tokens_per_s']:,.0f} tok/s. Model: {folder / 'model.pt'}"
+    )
+
+
+@friendly_errors
+def compare_command(
+    config_file: Optional[Path] = typer.Argument(None, help="Experiment file (.yaml/.yml/.toml); flags override it."),
+    name: Optional[str] = typer.Option(None, "--name", help="Experiment name (results in <out-dir>/<name>/)."),
+    routers: Optional[str] = typer.Option(None, "--routers", help="Comma-separated presets (and/or 'dense')."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Reference router of the TOST (default: first)."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="TOST equivalence margin (units of the metric)."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Parent folder of experiments (default runs)."),
+    corpus: Optional[str] = CORPUS,
+    max_bytes_per_domain: Optional[int] = MAX_BYTES,
+    vocab_size: Optional[int] = VOCAB,
+    d_model: Optional[int] = D_MODEL,
+    n_layers: Optional[int] = N_LAYERS,
+    n_heads: Optional[int] = N_HEADS,
+    num_experts: Optional[int] = NUM_EXPERTS,
+    top_k: Optional[str] = TOP_K,
+    expert_d_hidden: Optional[int] = EXPERT_WIDTH,
+    moe_every: Optional[int] = MOE_EVERY,
+    shared_experts: Optional[int] = SHARED,
+    steps: Optional[int] = STEPS,
+    batch_size: Optional[int] = BATCH,
+    seq_len: Optional[int] = SEQ_LEN,
+    lr: Optional[float] = LR,
+    precision: Optional[str] = PRECISION,
+    eval_every: Optional[int] = EVAL_EVERY,
+    cache_dir: Optional[Path] = CACHE,
+    no_progress: bool = NO_PROGRESS,
+) -> None:
+    """Train every router x seed on the same data and budget; write results, plots and report.md."""
+    from routelab.lab.experiment import load_experiment
+
+    if config_file is None and routers is None:
+        raise ConfigError("give an experiment file (routelab compare exp.yaml) or --routers a,b,c (see docs/lab.md).")
+    overrides: dict[str, Any] = given(
+        name=name, baseline=baseline, out_dir=out_dir, seeds=parse_ints(seeds, "--seeds"),
+        routers=[r.strip() for r in routers.split(",") if r.strip()] if routers else None,
+    )
+    sections = {
+        "model": model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared_experts),
+        "train": given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
+                       eval_every=eval_every),
+        "corpus": given(source=corpus, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size),
+        "tost": given(margin=margin),
+    }
+    overrides.update({k: v for k, v in sections.items() if v})
+    config = load_experiment(config_file, overrides)
+    run_and_print(config, cache_dir=cache_dir, show_progress=not no_progress, title=f"routelab compare: {config.name}")
+
+
+def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, title: str) -> dict[str, Any]:
+    from routelab.lab.experiment import run_experiment
+    from routelab.lab.report import leaderboard_table
+
+    result = run_experiment(config, console=err_console, show_progress=show_progress, cache_dir=cache_dir)
+    console.print(leaderboard_table(result["aggregates"], result["tost"], title))
+    return result
+
+
+@friendly_errors
+def demo_command(
+    out_dir: str = typer.Option("runs", "--out-dir", help="Parent folder; the demo writes <out-dir>/demo/."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the training steps per router."),
+    routers: Optional[str] = typer.Option(None, "--routers", help="Override the routers (comma-separated)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Override the seeds (comma-separated)."),
+    cache_dir: Optional[Path] = CACHE,
+    no_progress: bool = NO_PROGRESS,
+) -> None:
+    """Compare mixtral, loss-free, expert-choice, hash (and ssr when present) on the default corpus."""
+    from routelab.lab.demo import demo_settings
+    from routelab.lab.experiment import load_experiment
+
+    start = time.perf_counter()
+    settings = demo_settings(out_dir)
+    if steps is not None:
+        settings["train"]["steps"] = steps
+        settings["train"]["eval_every"] = max(1, min(settings["train"]["eval_every"], steps))
+    if routers is not None:
+        settings["routers"] = [r.strip() for r in routers.split(",") if r.strip()]
+        settings["baseline"] = settings["routers"][0]
+    if seeds is not None:
+        settings["seeds"] = parse_ints(seeds, "--seeds")
+    config = load_experiment(settings)
+    err_console.print(
+        f"routelab demo: routers {[r.key for r in config.routers]}, seeds {config.seeds}, "
+        f"{config.train.steps} steps x {config.train.tokens_per_step:,} tokens each"
+    )
+    result = run_and_print(config, cache_dir=cache_dir, show_progress=not no_progress, title="routelab demo leaderboard")
+    elapsed = time.perf_counter() - start
+    console.print(f"wall time: {elapsed / 60:.1f} min ({elapsed:.0f} s). Report: {result['report']} "
+                  f"(plots and tables in {result['report'].parent}/)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("compare")(compare_command)
+    app.command("demo")(demo_command)

@@ -1,0 +1,46 @@
+"""The settings of ``routelab demo`` (what ``make demo`` runs).
+
+Sized to finish, data preparation and tokenizer training included, in about 12 minutes
+on a 2-core CPU: a 4-layer TinyLM (d_model 128, 8 experts of width 256, top-2) trained
+for the same token budget with every router, one seed. See docs/lab.md for the
+measured times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from routelab.routers.registry import list_routers
+
+DEMO_ROUTERS = ("mixtral", "loss-free", "expert-choice", "hash")
+OPTIONAL_DEMO_ROUTERS = ("ssr",)
+
+
+def demo_routers() -> list[str]:
+    """The demo's routers: the four foundation ones, plus ``ssr`` when it is registered."""
+    registered = {r["name"] for r in list_routers()}
+    return list(DEMO_ROUTERS) + [name for name in OPTIONAL_DEMO_ROUTERS if name in registered]
+
+
+def demo_settings(out_dir: str = "runs") -> dict[str, Any]:
+    """The demo experiment as a mapping for ``routelab.lab.experiment.load_experiment``."""
+    return {
+        "name": "demo",
+        "out_dir": out_dir,
+        "routers": demo_routers(),
+        "baseline": "mixtral",
+        "seeds": [0],
+        "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "num_experts": 8, "top_k": 2, "expert_d_hidden": 256},
+        "train": {
+            "steps": 300,
+            "batch_size": 16,
+            "seq_len": 128,
+            "lr": 3e-3,
+            "warmup_steps": 30,
+            "eval_every": 50,
+            "eval_tokens": 16384,
+            "checkpoint_every": 100,
+            "precision": "auto",
+        },
+        "corpus": {"source": "default", "max_bytes_per_domain": 2_000_000, "vocab_size": 8192},
+    }

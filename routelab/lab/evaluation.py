@@ -1,0 +1,125 @@
+"""Validation of a TinyLM: loss, perplexity, per-domain loss, routing balance over the whole
+validation set, and the routing of the fixed probe batch.
+
+Balance over the validation set sums each layer's expert loads over all validation
+batches before computing MaxVio / CV / dead experts (the global view; per-batch values are
+logged during training). Routing fluctuation between two evaluations is the fraction of
+(token, layer) pairs of the probe batch whose selected expert *set* changed
+(Graph-of-Tokens flip rate for top-k, systems spec A4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from routelab.core.stats import balance_stats
+from routelab.lab.batches import Batch
+from routelab.models.tinylm import TinyLM
+
+
+def autocast(precision: str):
+    """bf16 autocast for ``precision == 'bf16'``, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def pad_slots(topk_idx_TK: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad ``[T, K]`` expert ids with ``-1`` to ``width`` slots."""
+    missing = width - topk_idx_TK.shape[1]
+    if missing <= 0:
+        return topk_idx_TK
+    return torch.cat([topk_idx_TK, topk_idx_TK.new_full((topk_idx_TK.shape[0], missing), -1)], dim=1)
+
+
+def topk_set_changed(before_TK: torch.Tensor, after_TK: torch.Tensor) -> torch.Tensor:
+    """bool ``[T]``: did each token's set of selected experts change (empty slots ignored)?"""
+    width = max(before_TK.shape[1], after_TK.shape[1])
+    before = pad_slots(before_TK, width).sort(dim=1).values
+    after = pad_slots(after_TK, width).sort(dim=1).values
+    return (before != after).any(dim=1)
+
+
+def routing_fluctuation(before_LTK: Sequence[torch.Tensor], after_LTK: Sequence[torch.Tensor]) -> tuple[float, list[float]]:
+    """Fraction of (token, layer) assignments whose top-k set changed: overall and per layer."""
+    per_layer = [float(topk_set_changed(b, a).float().mean()) for b, a in zip(before_LTK, after_LTK)]
+    overall = sum(per_layer) / len(per_layer) if per_layer else 0.0
+    return overall, per_layer
+
+
+@dataclass
+class LayerTotals:
+    """Running sums of one MoE layer's routing over the validation set."""
+
+    load: torch.Tensor
+    selected: float = 0.0
+    kept: float = 0.0
+    active_sum: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.load += stats["load"].float().cpu()
+        self.selected += float(stats["load_before_drop"].sum())
+        self.kept += float(stats["load"].sum())
+        self.active_sum += float(stats["active_experts_per_token"]) * float(stats["num_tokens"])
+        self.tokens += float(stats["num_tokens"])
+
+    def summary(self) -> dict[str, Any]:
+        balance = {k: float(v) for k, v in balance_stats(self.load).items()}
+        return {
+            "load": self.load.tolist(),
+            **balance,
+            "drop_rate": (self.selected - self.kept) / self.selected if self.selected else 0.0,
+            "active_experts_per_token": self.active_sum / self.tokens if self.tokens else 0.0,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: TinyLM, batches: Sequence[Batch], probe: Batch, domains: Sequence[str], precision: str
+) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
+    """Validation metrics, and the probe batch's ``topk_idx`` / ``topk_weight`` per MoE layer."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros(len(domains), dtype=torch.float64)
+    count = torch.zeros(len(domains), dtype=torch.float64)
+    layers: list[LayerTotals] = []
+    try:
+        for batch in batches:
+            with autocast(precision):
+                out = model(batch.inputs, batch.targets)
+            token_loss = torch.nn.functional.cross_entropy(
+                out.logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
+            ).double()
+            labels = batch.domains.flatten()
+            loss_sum.index_add_(0, labels, token_loss)
+            count.index_add_(0, labels, torch.ones_like(token_loss))
+            if not layers:
+                layers = [LayerTotals(torch.zeros(r.num_experts)) for r in out.routings]
+            for totals, routing in zip(layers, out.routings):
+                totals.add(routing.stats)
+        with autocast(precision):
+            probe_out = model(probe.inputs)
+    finally:
+        model.train(was_training)
+    val_loss = float(loss_sum.sum() / count.sum())
+    metrics: dict[str, Any] = {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "val_tokens": int(count.sum()),
+        "val_loss_by_domain": {d: float(loss_sum[i] / count[i]) for i, d in enumerate(domains) if count[i] > 0},
+    }
+    if layers:
+        per_layer = [t.summary() for t in layers]
+        for key in ("max_vio", "cv", "entropy", "dead_experts", "drop_rate", "active_experts_per_token"):
+            metrics[key] = [layer[key] for layer in per_layer]
+        metrics["load"] = [layer["load"] for layer in per_layer]
+    probe_idx = [r.topk_idx.detach().cpu() for r in probe_out.routings]
+    probe_weight = [r.topk_weight.detach().float().cpu() for r in probe_out.routings]
+    return metrics, probe_idx, probe_weight

@@ -1,0 +1,238 @@
+"""Experiments: train every router x seed on the same data and token budget, then report.
+
+An experiment file (YAML or TOML) holds::
+
+    name: my-comparison          # results go to <out_dir>/<name>/
+    routers: [mixtral, loss-free, {name: expert-choice, label: ec-cf2, options: {capacity_factor: 2.0}}]
+    baseline: mixtral            # TOST reference (default: the first router)
+    seeds: [0, 1]
+    model: {d_model: 128, n_layers: 4, num_experts: 8, top_k: 2}
+    train: {steps: 500, batch_size: 16, seq_len: 256, lr: 0.002}
+    corpus: {source: default, max_bytes_per_domain: 2000000, vocab_size: 8192}
+    tost: {margin: 0.02, metric: val_loss, alpha: 0.05, test: welch}
+
+Every run is ``<out_dir>/<name>/<label>-seed<k>/``. Finished runs are skipped and
+partial ones resumed, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from rich.console import Console
+
+from routelab.core.errors import ConfigError, InputError
+from routelab.lab.config import DENSE, CorpusSettings, ModelSettings, RouterEntry, Settings, TrainConfig, validated
+from routelab.lab.data import PreparedCorpus, prepare_corpus
+from routelab.lab.train import RunFiles, train_run
+from routelab.routers.registry import create_router
+
+
+class TOSTSettings(Settings):
+    """Equivalence test of each router against the baseline (needs >= 2 seeds)."""
+
+    margin: float = Field(0.02, gt=0, description="equivalence margin in units of the metric")
+    metric: Literal["val_loss", "val_ppl"] = "val_loss"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    test: Literal["welch", "student", "paired"] = "welch"
+
+
+class ExperimentConfig(Settings):
+    """A comparison of routers (see the module docstring for the file format)."""
+
+    name: str = "experiment"
+    routers: list[RouterEntry] = Field(min_length=1)
+    baseline: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    tost: TOSTSettings = Field(default_factory=TOSTSettings)
+    out_dir: str = "runs"
+
+    @field_validator("routers", mode="before")
+    @classmethod
+    def _router_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("name may only hold letters, digits, '-', '_' and '.' (it names a folder)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        keys = [r.key for r in self.routers]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(f"router labels must be unique, {duplicates} repeat; give each entry a distinct 'label'")
+        if self.baseline is not None and self.baseline not in keys:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        return self
+
+    @property
+    def baseline_key(self) -> str:
+        return self.baseline or self.routers[0].key
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def run_folder(self, entry: RouterEntry, seed: int) -> Path:
+        return self.folder / f"{entry.key}-seed{seed}"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml``/``.toml`` experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of settings (name, routers, seeds, model, train, ...).")
+    return data
+
+
+def check_routers(config: ExperimentConfig) -> None:
+    """Build every router once, so unknown presets or options fail before any training."""
+    for entry in config.routers:
+        if entry.name == DENSE:
+            if entry.options:
+                raise ConfigError(f"router 'dense' takes no options, got {sorted(entry.options)}.")
+            continue
+        top_k = config.model.top_k
+        try:
+            create_router(
+                entry.name,
+                d_model=config.model.d_model,
+                num_experts=config.model.num_experts,
+                top_k=top_k[0] if isinstance(top_k, list) else top_k,
+                **entry.options,
+            )
+        except ConfigError as error:
+            raise ConfigError(f"router entry {entry.key!r}: {error}") from None
+
+
+def load_experiment(source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Validate an experiment from a file or a mapping, with ``overrides`` merged section by section."""
+    data: dict[str, Any] = {}
+    where = "experiment settings"
+    if isinstance(source, dict):
+        data = dict(source)
+    elif source is not None:
+        data = read_config_file(source)
+        where = f"experiment file {str(source)!r}"
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    if "routers" not in data:
+        raise ConfigError(f"{where} lists no routers: add e.g. `routers: [mixtral, loss-free]` or pass --routers.")
+    config = validated(ExperimentConfig, data, where)
+    check_routers(config)
+    return config
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train all runs (skipping finished ones, resuming partial ones), then write the report.
+
+    Returns the report summary (see ``routelab.lab.report.write_report``).
+    """
+    from routelab.lab.report import write_report
+
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    config.folder.mkdir(parents=True, exist_ok=True)
+    (config.folder / "experiment.json").write_text(json.dumps(config.model_dump(), indent=1))
+    with console.status("preparing the corpus and tokenizer ..."):
+        prep_start = time.perf_counter()
+        corpus = prepare_corpus(config.corpus.options(), cache_dir=cache_dir)
+        prep_time = time.perf_counter() - prep_start
+    tokens = corpus.meta["num_tokens"]
+    console.print(
+        f"corpus {corpus.meta['source']!r}: domains {corpus.domains}, {tokens['train']:,} train / {tokens['val']:,} val "
+        f"tokens, vocab {corpus.vocab_size} ({prep_time:.1f} s)"
+    )
+    runs = []
+    total = len(config.routers) * len(config.seeds)
+    for index, (seed, entry) in enumerate((s, e) for s in config.seeds for e in config.routers):
+        folder = config.run_folder(entry, seed)
+        status = "done" if RunFiles(folder).finished() else ("resuming" if RunFiles(folder).checkpoint.is_file() else "")
+        console.print(f"[{index + 1}/{total}] {entry.key} seed {seed} {('(' + status + ')') if status else ''}")
+        summary = train_one(config, entry, seed, corpus, console=console, show_progress=show_progress)
+        runs.append({"key": entry.key, "router": entry.name, "seed": seed, "folder": str(folder), "summary": summary})
+    return write_report(config, corpus, runs, wall_time_s=time.perf_counter() - start, console=console)
+
+
+def train_one(
+    config: ExperimentConfig,
+    entry: RouterEntry,
+    seed: int,
+    corpus: PreparedCorpus,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume, or return) the run of ``entry`` with ``seed``."""
+    model_config = config.model.tinylm(
+        vocab_size=corpus.vocab_size,
+        max_seq_len=config.train.seq_len,
+        router=entry.name,
+        router_options=entry.options,
+    )
+    train_config = config.train.model_copy(update={"seed": seed})
+    try:
+        return train_run(
+            config.run_folder(entry, seed), corpus, model_config, train_config,
+            resume=True, console=console, show_progress=show_progress, label=f"{entry.key} s{seed}",
+        )
+    except ConfigError as error:
+        if "cannot resume" in str(error):
+            raise ConfigError(
+                f"{error} The experiment {config.name!r} already has runs with other settings in "
+                f"{str(config.folder)!r}: use another name (--name) or delete that folder."
+            ) from None
+        raise
+
+
+def experiment_runs(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """The finished runs of ``config`` found on disk (for re-writing a report without training)."""
+    runs = []
+    for seed in config.seeds:
+        for entry in config.routers:
+            folder = config.run_folder(entry, seed)
+            if not RunFiles(folder).finished():
+                raise InputError(f"run {str(folder)!r} is not finished; run the comparison to complete it.")
+            summary = json.loads(RunFiles(folder).summary.read_text())
+            runs.append({"key": entry.key, "router": entry.name, "seed": seed, "folder": str(folder), "summary": summary})
+    return runs
