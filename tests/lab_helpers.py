@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
 from routelab.lab.config import ModelSettings, TrainConfig
 from routelab.lab.data import CorpusOptions, PreparedCorpus, prepare_corpus
 
@@ -51,3 +53,8 @@ def tiny_train(**overrides) -> TrainConfig:
                     probe_sequences=2, checkpoint_every=4, precision="fp32")
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+# Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine each
+# parallel region can wait a whole scheduler slice for its second thread.
+torch.set_num_threads(1)

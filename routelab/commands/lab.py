@@ -14,8 +14,13 @@ from rich.console import Console
 
 from routelab.core.errors import ConfigError, RoutelabError
 
-console = Console()
 err_console = Console(stderr=True)
+
+
+def output_console() -> Console:
+    """Stdout console; wide enough for the leaderboard when the output is a file or a pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 
 
 def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
@@ -159,7 +164,7 @@ def train_command(
                         show_progress=not no_progress, label=router)
     final = summary["final_eval"]
     domains = ", ".join(f"{d} {v:.3f}" for d, v in final["val_loss_by_domain"].items())
-    console.print(
+    output_console().print(
         f"[bold]{router}[/]: val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.1f}; {domains}), "
         f"{summary['train_tokens_per_s']:,.0f} tok/s. Model: {folder / 'model.pt'}"
     )
@@ -220,7 +225,7 @@ def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, t
     from routelab.lab.report import leaderboard_table
 
     result = run_experiment(config, console=err_console, show_progress=show_progress, cache_dir=cache_dir)
-    console.print(leaderboard_table(result["aggregates"], result["tost"], title))
+    output_console().print(leaderboard_table(result["aggregates"], result["tost"], title))
     return result
 
 
@@ -254,7 +259,7 @@ def demo_command(
     )
     result = run_and_print(config, cache_dir=cache_dir, show_progress=not no_progress, title="routelab demo leaderboard")
     elapsed = time.perf_counter() - start
-    console.print(f"wall time: {elapsed / 60:.1f} min ({elapsed:.0f} s). Report: {result['report']} "
+    output_console().print(f"wall time: {elapsed / 60:.1f} min ({elapsed:.0f} s). Report: {result['report']} "
                   f"(plots and tables in {result['report'].parent}/)")
 
 

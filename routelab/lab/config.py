@@ -118,13 +118,33 @@ class RouterEntry(Settings):
         return self.label or self.name
 
 
+def model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings class that holds the field at ``path`` (list indices are stepped over)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates for c in [c, *getattr(c, "__args__", ())]
+                  if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        current = nested[0]
+    return current
+
+
 def format_validation_error(error: ValidationError, where: str, model: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         location = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            field_names = list(model.model_fields)
+        owner = model_at(model, tuple(item["loc"][:-1])) if item["type"] == "extra_forbidden" else None
+        if owner is not None:
+            field_names = list(owner.model_fields)
             message = f"unknown setting.{suggest(str(item['loc'][-1]), field_names)} Valid: {', '.join(field_names)}"
         lines.append(f"  {location}: {message} (got {item.get('input')!r})")
     return f"invalid {where}:\n" + "\n".join(lines)
