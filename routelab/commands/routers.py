@@ -6,7 +6,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
 
 
 def list_command(
@@ -15,6 +14,7 @@ def list_command(
     """List every router preset with its paper."""
     from routelab.routers.registry import PRESETS
 
+    console = Console()
     table = Table(title=f"routelab routers ({len(PRESETS)} presets)", show_lines=verbose)
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
@@ -40,6 +40,7 @@ def bench_command(
     """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
     from routelab.benchmarks.layer import run_layer_benchmark, run_router_cost_benchmark
 
+    console = Console()
     if quick:
         tokens, repeats = min(tokens, 1024), min(repeats, 2)
     shape_names = [s.strip() for s in shapes.split(",") if s.strip()]
