@@ -10,9 +10,16 @@ from rich.table import Table
 
 def list_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each preset's options and defaults."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table of presets, parts and defaults."),
 ) -> None:
     """List every router preset with its paper."""
     from routelab.routers.registry import PRESETS
+
+    if markdown:
+        from routelab.routers.describe import presets_markdown
+
+        typer.echo(presets_markdown(), nl=False)
+        return
 
     console = Console()
     table = Table(title=f"routelab routers ({len(PRESETS)} presets)", show_lines=verbose)
