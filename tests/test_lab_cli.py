@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from lab_helpers import write_corpus
+from tests.lab_helpers import write_corpus
 from typer.testing import CliRunner
 
 from routelab.cli import app

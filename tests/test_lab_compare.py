@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from lab_helpers import write_corpus
+from tests.lab_helpers import write_corpus
 from rich.console import Console
 
 from routelab.core.errors import ConfigError

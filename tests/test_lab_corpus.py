@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lab_helpers import write_corpus
+from tests.lab_helpers import write_corpus
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.lab.corpus import (

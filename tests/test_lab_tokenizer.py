@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lab_helpers import WORDS
+from tests.lab_helpers import WORDS
 
 from routelab.core.errors import ConfigError
 from routelab.lab.tokenizer import END_OF_TEXT, TextTokenizer

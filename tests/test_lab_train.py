@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from lab_helpers import TINY_MODEL, small_corpus, tiny_train
+from tests.lab_helpers import TINY_MODEL, small_corpus, tiny_train
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.lab.batches import TrainSampler
