@@ -93,7 +93,7 @@ def evaluate(
     try:
         for batch in batches:
             with autocast(precision):
-                out = model(batch.inputs, batch.targets)
+                out = model(batch.inputs)
             token_loss = torch.nn.functional.cross_entropy(
                 out.logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
             ).double()
