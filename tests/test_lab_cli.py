@@ -55,7 +55,7 @@ def test_compare_with_file_and_flags(corpus_dir, tmp_path):
 
 def test_demo_smoke(tmp_path):
     result = runner.invoke(app, ["demo", "--routers", "mixtral,hash", "--steps", "2", "--out-dir", str(tmp_path / "runs"),
-                                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+                                 "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "routelab demo leaderboard" in result.output and "wall time" in result.output
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()

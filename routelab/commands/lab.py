@@ -70,6 +70,40 @@ def parse_ints(value: str | None, flag: str) -> list[int] | None:
         raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. {flag} 0,1,2.") from None
 
 
+def apply_threads(value: str | None) -> None:
+    """``--threads N`` sets torch's intra-op threads; ``auto`` leaves out cores other processes keep busy."""
+    if value is None:
+        return
+    import torch
+
+    if value == "auto":
+        threads = auto_threads()
+    else:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ConfigError(f"--threads {value!r} must be a positive integer or 'auto'.") from None
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}.")
+    torch.set_num_threads(threads)
+
+
+def auto_threads() -> int:
+    """Cores not already busy (1-minute load average), at least 1.
+
+    On a shared machine a second intra-op thread that keeps getting descheduled makes every
+    parallel region wait for it, which is slower than one thread.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
 def given(**values: Any) -> dict[str, Any]:
     """Only the options the user set (typer gives None for the others)."""
     return {k: v for k, v in values.items() if v is not None}
@@ -99,6 +133,7 @@ MAX_BYTES = typer.Option(None, "--max-bytes-per-domain", help="Cap on the bytes 
 VOCAB = typer.Option(None, "--vocab-size", help="BPE vocabulary size.")
 CACHE = typer.Option(None, "--cache-dir", help="Prepared-corpus cache (default $ROUTELAB_CACHE or .cache/routelab).")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
+THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (cores not busy with other work).")
 
 
 def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared) -> dict[str, Any]:
@@ -138,6 +173,7 @@ def train_command(
     checkpoint_every: Optional[int] = CKPT_EVERY,
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
+    threads: Optional[str] = THREADS,
 ) -> None:
     """Train one TinyLM with one router on a corpus (resumable with --resume)."""
     from routelab.lab.config import CorpusSettings, ModelSettings, RouterEntry, TrainConfig, validated
@@ -154,6 +190,7 @@ def train_command(
     corpus_settings = validated(CorpusSettings, given(source=corpus, max_bytes_per_domain=max_bytes_per_domain,
                                                       vocab_size=vocab_size), "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
+    apply_threads(threads)
     check_routers(ExperimentConfig(routers=[entry], model=model))
     with err_console.status("preparing the corpus and tokenizer ..."):
         prepared = prepare_corpus(corpus_settings.options(), cache_dir=cache_dir)
@@ -198,6 +235,7 @@ def compare_command(
     eval_every: Optional[int] = EVAL_EVERY,
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
+    threads: Optional[str] = THREADS,
 ) -> None:
     """Train every router x seed on the same data and budget; write results, plots and report.md."""
     from routelab.lab.experiment import load_experiment
@@ -217,6 +255,7 @@ def compare_command(
     }
     overrides.update({k: v for k, v in sections.items() if v})
     config = load_experiment(config_file, overrides)
+    apply_threads(threads)
     run_and_print(config, cache_dir=cache_dir, show_progress=not no_progress, title=f"routelab compare: {config.name}")
 
 
@@ -237,6 +276,7 @@ def demo_command(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Override the seeds (comma-separated)."),
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
+    threads: str = typer.Option("auto", "--threads", help="Intra-op threads: a number, or 'auto' (cores not busy)."),
 ) -> None:
     """Compare mixtral, loss-free, expert-choice, hash (and ssr when present) on the default corpus."""
     from routelab.lab.demo import demo_settings
@@ -253,9 +293,12 @@ def demo_command(
     if seeds is not None:
         settings["seeds"] = parse_ints(seeds, "--seeds")
     config = load_experiment(settings)
+    apply_threads(threads)
+    import torch
+
     err_console.print(
         f"routelab demo: routers {[r.key for r in config.routers]}, seeds {config.seeds}, "
-        f"{config.train.steps} steps x {config.train.tokens_per_step:,} tokens each"
+        f"{config.train.steps} steps x {config.train.tokens_per_step:,} tokens each, {torch.get_num_threads()} thread(s)"
     )
     result = run_and_print(config, cache_dir=cache_dir, show_progress=not no_progress, title="routelab demo leaderboard")
     elapsed = time.perf_counter() - start

@@ -32,15 +32,15 @@ def demo_settings(out_dir: str = "runs") -> dict[str, Any]:
         "seeds": [0],
         "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "num_experts": 8, "top_k": 2, "expert_d_hidden": 256},
         "train": {
-            "steps": 300,
+            "steps": 250,
             "batch_size": 16,
             "seq_len": 128,
             "lr": 3e-3,
-            "warmup_steps": 30,
+            "warmup_steps": 25,
             "eval_every": 50,
             "eval_tokens": 16384,
             "checkpoint_every": 100,
             "precision": "auto",
         },
-        "corpus": {"source": "default", "max_bytes_per_domain": 2_000_000, "vocab_size": 8192},
+        "corpus": {"source": "default", "max_bytes_per_domain": 2_000_000, "vocab_size": 4096},
     }

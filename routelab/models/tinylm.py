@@ -7,11 +7,13 @@ Wolf 2017), as in GPT-2/LLaMA-style small models. The FFN of every layer, or of 
 
 What routers get: one ``RoutingContext`` per forward (token ids for hash routers, the
 padding mask, an optional timestep, and the ``carry`` dict that layerwise-recurrent
-routers use to pass state from one MoE layer to the next). A router that sets the
-attribute ``needs_attention = True`` also receives the head-averaged attention
-probabilities ``[batch, seq, seq]`` of its block's attention sublayer in
-``TokenBatch.context.attention``; only those layers compute attention explicitly, every
-other layer uses the fused SDPA kernel.
+routers use to pass state from one MoE layer to the next). A router whose module has the
+attribute ``needs_attention = True``, or whose preset is registered with
+``needs_attention=True``, also receives the head-averaged attention probabilities
+``[batch, seq, seq]`` of its block's attention sublayer in ``TokenBatch.context.attention``;
+only those layers compute attention explicitly, every other layer uses the fused SDPA
+kernel. Token-id hash routers get a different hash per layer (``seed`` = layer index)
+unless ``router_options`` sets ``seed``.
 """
 
 from __future__ import annotations
@@ -232,6 +234,19 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, seq, d_model)), probs_BSS
 
 
+def router_needs_attention(router: nn.Module) -> bool:
+    """True when a router reads the attention matrix: its ``needs_attention`` attribute, or
+    the ``needs_attention`` flag of its preset when the registry has one."""
+    if getattr(router, "needs_attention", False):
+        return True
+    name = getattr(router, "name", None)
+    try:
+        info = preset_info(name) if isinstance(name, str) else None
+    except ConfigError:
+        return False
+    return bool(getattr(info, "needs_attention", False))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
 
@@ -248,8 +263,8 @@ class Block(nn.Module):
         else:
             options = dict(config.router_options)
             info = preset_info(config.router)
-            if "seed" in info.specific_options() and "seed" not in options:
-                options["seed"] = layer_index  # a different fixed hash / frozen router per layer
+            if info.needs_token_ids and "seed" in info.specific_options() and "seed" not in options:
+                options["seed"] = layer_index  # token-id hashing: a different hash function per layer
             self.ffn = MoE(
                 d_model=config.d_model,
                 d_hidden=config.expert_d_hidden or config.ffn_width,
@@ -261,7 +276,7 @@ class Block(nn.Module):
                 shared_d_hidden=config.shared_d_hidden,
                 **options,
             )
-            self.needs_attention = bool(getattr(self.ffn.router, "needs_attention", False))
+            self.needs_attention = router_needs_attention(self.ffn.router)
 
     def forward(
         self,
