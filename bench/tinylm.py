@@ -3,7 +3,7 @@
 Three models share everything but the FFN: dense (hidden width ``k * h``), coarse MoE
 (8 experts of width ``h``, top-2) and fine-grained MoE (64 experts of width ``h / 4``,
 top-8); all three have the same active FFN parameters per token. One training step
-(forward, backward, AdamW) of each is timed in turn, round after round, so that a change
+(forward, backward, the lab's AdamW) of each is timed in turn, round after round, so that a change
 of machine load hits all of them alike; the ratio MoE / dense is taken per round and the
 median reported. Target: MoE at least 0.8x the dense tokens/s.
 
@@ -20,7 +20,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from routelab.lab.config import TrainConfig
 from routelab.lab.evaluation import autocast
+from routelab.lab.train import build_optimizer
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 
 
@@ -41,7 +43,7 @@ class Stepper:
     def __init__(self, config: TinyLMConfig, batch: int, precision: str) -> None:
         torch.manual_seed(0)
         self.model = TinyLM(config)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = build_optimizer(self.model, TrainConfig(lr=1e-4))  # the lab's optimizer (fused AdamW)
         ids = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1))
         self.inputs, self.targets = ids[:, :-1], ids[:, 1:]
         self.precision = precision
