@@ -8,7 +8,17 @@ transformers is imported only when a model is attached.
 from routelab.models.hf.attach import MoELayer, RoutingHandle, attach
 from routelab.models.hf.observe import RouterCall
 from routelab.models.hf.registry import ARCHITECTURES, Architecture, architecture_of, supported_architectures
+from routelab.models.hf.rerouting import RerouteConfig, Rerouter
+from routelab.models.hf.roma import (
+    RomaTrainer,
+    SuccessfulSet,
+    manifold_regulariser,
+    mean_token_embedding,
+    neighbour_weights,
+    routing_vectors,
+)
 from routelab.models.hf.routers import EquivalentPreset, PretrainedInit, equivalent_preset, native_router, preset_router
+from routelab.models.hf.steering import Steering, activation_rates, risk_difference, steer, top_experts
 
 __all__ = [
     "ARCHITECTURES",
@@ -16,12 +26,25 @@ __all__ = [
     "EquivalentPreset",
     "MoELayer",
     "PretrainedInit",
+    "RerouteConfig",
+    "Rerouter",
+    "RomaTrainer",
     "RouterCall",
     "RoutingHandle",
+    "Steering",
+    "SuccessfulSet",
+    "activation_rates",
     "architecture_of",
     "attach",
     "equivalent_preset",
+    "manifold_regulariser",
+    "mean_token_embedding",
     "native_router",
+    "neighbour_weights",
     "preset_router",
+    "risk_difference",
+    "routing_vectors",
+    "steer",
     "supported_architectures",
+    "top_experts",
 ]

@@ -393,6 +393,7 @@ class ReplacementRouter:
         self.last_routing = None
         self._arch = arch
         self._state = state
+        self.__dict__["_padding_router"] = original  # not a submodule: see _route_padding
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -411,15 +412,39 @@ class ReplacementRouter:
         idx_TK = torch.where(valid_TK, routing.topk_idx, torch.zeros_like(routing.topk_idx))
         weight_TK = torch.where(valid_TK, routing.topk_weight, torch.zeros_like(routing.topk_weight))
         logits_TE = routing.logits
-        if batch.has_padding:
-            rows = batch.flat_index_T
-            num_rows = x_ND.shape[0]
-            idx_TK = idx_TK.new_zeros(num_rows, idx_TK.shape[1]).index_copy(0, rows, idx_TK)
-            weight_TK = weight_TK.new_zeros(num_rows, weight_TK.shape[1]).index_copy(0, rows, weight_TK)
-            logits_TE = logits_TE.new_zeros(num_rows, logits_TE.shape[1]).index_copy(0, rows, logits_TE)
         logits_dtype = torch.float32 if self._arch.logits_fp32 else hidden_states.dtype
         weights_dtype = hidden_states.dtype if self._arch.weights_model_dtype else torch.float32
-        return logits_TE.to(logits_dtype), weight_TK.to(weights_dtype), idx_TK
+        logits_TE, weight_TK = logits_TE.to(logits_dtype), weight_TK.to(weights_dtype)
+        if batch.has_padding:
+            return self._route_padding(x_ND, batch.flat_index_T, logits_TE, weight_TK, idx_TK)
+        return logits_TE, weight_TK, idx_TK
+
+    def _route_padding(
+        self, x_ND: torch.Tensor, real_T: torch.Tensor, logits_TE: torch.Tensor, weight_TK: torch.Tensor,
+        idx_TK: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padding rows never reach the routelab router (its losses, statistics, capacity); the
+        model's own router routes them, without grad and without hooks, so that the experts see
+        the same rows as without routelab (and the native rule stays bit-identical)."""
+        num_rows = x_ND.shape[0]
+        pad_mask_N = torch.ones(num_rows, dtype=torch.bool, device=x_ND.device)
+        pad_mask_N[real_T] = False
+        pad_P = pad_mask_N.nonzero().squeeze(1)
+        original = self.__dict__["_padding_router"]
+        with torch.no_grad():
+            x_PD = x_ND.index_select(0, pad_P).to(original.weight.dtype)
+            pad_logits_PE, pad_weight_PK, pad_idx_PK = type(original).forward(original, x_PD)
+        width = max(idx_TK.shape[1], pad_idx_PK.shape[1])
+        idx_NK = idx_TK.new_zeros(num_rows, width)
+        weight_NK = weight_TK.new_zeros(num_rows, width)
+        idx_NK[real_T, : idx_TK.shape[1]] = idx_TK
+        weight_NK[real_T, : weight_TK.shape[1]] = weight_TK
+        idx_NK[pad_P, : pad_idx_PK.shape[1]] = pad_idx_PK
+        weight_NK[pad_P, : pad_weight_PK.shape[1]] = pad_weight_PK.to(weight_NK.dtype)
+        logits_NE = logits_TE.new_zeros(num_rows, logits_TE.shape[1])
+        logits_NE[real_T] = logits_TE
+        logits_NE[pad_P] = pad_logits_PE.to(logits_NE.dtype)
+        return logits_NE, weight_NK, idx_NK
 
 
 def make_replacement(original: nn.Module, router: Router, arch: Architecture, state: ForwardState) -> nn.Module:
