@@ -66,7 +66,8 @@ class RoutingVectorCapture:
         if bool((last_B < 0).any()):
             raise InputError("every sequence needs at least one real token to have a routing vector.")
         idx_BK = call.topk_idx_TK.index_select(0, last_B)
-        weight_BK = call.topk_weight_TK.index_select(0, last_B).float()
+        weight_BK = call.topk_weight_TK.index_select(0, last_B)
+        weight_BK = weight_BK if weight_BK.dtype == torch.float64 else weight_BK.float()
         valid_BK = idx_BK >= 0
         weight_BK = torch.where(valid_BK, weight_BK, torch.zeros_like(weight_BK))
         dense_BE = weight_BK.new_zeros(num_seqs, self.num_experts).scatter_add(1, idx_BK.clamp_min(0), weight_BK)
