@@ -6,6 +6,7 @@ documented in ``routelab.traces.format`` and docs/traces.md.
 """
 
 from routelab.traces.format import FORMAT_NAME, FORMAT_VERSION
+from routelab.traces.memory import InMemoryTrace, TraceLike
 from routelab.traces.reader import LayerRouting, TokenTable, Trace, TraceChunk, sequence_offsets
 from routelab.traces.recorder import LayerRoutes, ModuleRoutingSource, RoutingSource, TraceRecorder, moe_layers
 from routelab.traces.writer import TraceWriter
@@ -13,6 +14,7 @@ from routelab.traces.writer import TraceWriter
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "InMemoryTrace",
     "LayerRouting",
     "LayerRoutes",
     "ModuleRoutingSource",
@@ -20,6 +22,7 @@ __all__ = [
     "TokenTable",
     "Trace",
     "TraceChunk",
+    "TraceLike",
     "TraceRecorder",
     "TraceWriter",
     "moe_layers",
