@@ -18,12 +18,22 @@ from routelab.models.hf.roma import (
     routing_vectors,
 )
 from routelab.models.hf.routers import EquivalentPreset, PretrainedInit, equivalent_preset, native_router, preset_router
-from routelab.models.hf.steering import Steering, activation_rates, risk_difference, steer, top_experts
+from routelab.models.hf.recording import HFRoutingSource, TraceObserver, open_writer, record, trace_metadata
+from routelab.models.hf.steering import (
+    Steering,
+    activation_rates,
+    domain_experts,
+    risk_difference,
+    steer,
+    top_experts,
+    trace_risk_difference,
+)
 
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "EquivalentPreset",
+    "HFRoutingSource",
     "MoELayer",
     "PretrainedInit",
     "RerouteConfig",
@@ -33,18 +43,24 @@ __all__ = [
     "RoutingHandle",
     "Steering",
     "SuccessfulSet",
+    "TraceObserver",
     "activation_rates",
     "architecture_of",
     "attach",
+    "domain_experts",
     "equivalent_preset",
     "manifold_regulariser",
     "mean_token_embedding",
     "native_router",
     "neighbour_weights",
+    "open_writer",
     "preset_router",
+    "record",
     "risk_difference",
     "routing_vectors",
     "steer",
     "supported_architectures",
     "top_experts",
+    "trace_metadata",
+    "trace_risk_difference",
 ]

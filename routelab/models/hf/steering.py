@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,3 +141,40 @@ def top_experts(delta_E: np.ndarray, top_n: int) -> list[int]:
     check_positive_int("top_n", top_n)
     order = sorted(range(len(delta_E)), key=lambda e: (-float(delta_E[e]), e))
     return order[:top_n]
+
+
+def trace_risk_difference(trace: Any, domain: str, layer: int, *, reference: str | Sequence[str] | None = None) -> np.ndarray:
+    """``Delta_e`` at trace layer ``layer`` between the tokens of ``domain`` and those of
+    ``reference`` (a domain or list of domains; default every other domain of the trace)."""
+    if domain not in trace.domain_names:
+        raise ConfigError(f"domain={domain!r} is not in the trace; its domains are {trace.domain_names}.")
+    if reference is None:
+        reference = [name for name in trace.domain_names if name != domain]
+        if not reference:
+            raise ConfigError(f"the trace has only the domain {domain!r}; pass reference= or record another domain.")
+    domain_idx = trace.select(domain=domain, layers=[layer]).topk_idx(layer)
+    reference_idx = trace.select(domain=reference, layers=[layer]).topk_idx(layer)
+    return risk_difference(domain_idx, reference_idx, trace.num_experts)
+
+
+def domain_experts(
+    trace: Any,
+    domain: str,
+    *,
+    reference: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    top_n: int = 2,
+) -> dict[int, list[int]]:
+    """The ``top_n`` experts per layer most activated by ``domain`` relative to ``reference``.
+
+    Layers are trace layers (MoE layer order); the result is keyed by decoder-layer index
+    (the trace's ``model_layers`` metadata, written by ``routelab.models.hf.recording``),
+    ready for ``steer(handle, experts, epsilon)``.
+    """
+    model_layers = list(trace.metadata.get("model_layers", trace.layers))
+    chosen = list(trace.layers) if layers is None else list(layers)
+    result: dict[int, list[int]] = {}
+    for layer in chosen:
+        delta_E = trace_risk_difference(trace, domain, layer, reference=reference)
+        result[int(model_layers[layer])] = top_experts(delta_E, top_n)
+    return result
