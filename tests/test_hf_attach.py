@@ -243,3 +243,15 @@ def test_layers_are_named_by_decoder_index_with_clear_errors():
     with attach(tiny_model("mixtral")) as handle:
         with pytest.raises(ConfigError, match="already has routelab attached"):
             attach(handle.model)
+
+
+def test_activation_checkpointing_is_observed_once():
+    model = tiny_model("mixtral")
+    model.train()
+    model.gradient_checkpointing_enable()
+    ids, mask = tiny_batch(padded=True)
+    with attach(model) as handle:
+        handle.replace_router("expert-choice", layers=[0])
+        model(ids, attention_mask=mask, labels=ids).loss.backward()  # recomputes the routers in backward
+        assert handle.routing_stats()["all"]["num_tokens"] == 2 * 15
+        assert handle.routelab_router(0).scorer.weight.grad.abs().sum() > 0

@@ -60,6 +60,13 @@ class MoELayer:
     original: nn.Module
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (a checkpointed forward being recomputed):
+    such router calls are not observed again."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
@@ -97,6 +104,8 @@ class RoutingHandle:
         self._state = ForwardState()
         self._counter = SequenceCounter()
         self._observers: list[RouterObserver] = []
+        self._pending: list[tuple[MoELayer, Any, Any]] = []
+        self._in_forward = False
         self._router_hooks: dict[int, RemovableHandle] = {}
         self._copied_hooks: dict[int, set[int]] = {}
         self._replacement_inits: dict[int, PretrainedInit | None] = {}
@@ -107,7 +116,7 @@ class RoutingHandle:
         self._base = base
         self._model_hooks = [
             base.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
-            base.register_forward_hook(self._on_forward_end, always_call=True),
+            base.register_forward_hook(self._on_forward_end),
         ]
         for layer in self._layers:
             self._hook_router(layer, layer.original)
@@ -185,25 +194,36 @@ class RoutingHandle:
 
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._state.tokens = forward_tokens_from_call(module.forward, args, kwargs, self._counter)
+        self._pending = []
+        self._in_forward = True
         for layer in self._layers:
             current = getattr(layer.block, self.architecture.router_attr)
             if isinstance(current, ReplacementRouter):
                 current.last_routing = None
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._state.tokens = None
+        """Observers see the router calls of a forward when it ends, outside the decoder layers,
+        so that what they compute is not part of an activation-checkpointed region. The token
+        layout stays set: checkpointing re-runs the routers in backward."""
+        pending, self._pending, self._in_forward = self._pending, [], False
+        for layer, routing, output_ in pending:
+            self._emit(layer, routing, output_)
 
     def _hook_router(self, layer: MoELayer, module: nn.Module) -> None:
         def hook(router: nn.Module, args: tuple, output: Any) -> None:
-            if self._observers:
-                self._emit(layer, router, output)
+            if not self._observers or _in_backward():  # a checkpointed forward being recomputed
+                return
+            routing = router.last_routing if isinstance(router, ReplacementRouter) else None
+            if self._in_forward:
+                self._pending.append((layer, routing, output))
+            else:  # a router called on its own
+                self._emit(layer, routing, output)
 
         self._router_hooks[layer.index] = module.register_forward_hook(hook)
 
-    def _emit(self, layer: MoELayer, router: nn.Module, output: Any) -> None:
+    def _emit(self, layer: MoELayer, routing: Any, output: Any) -> None:
         logits_N, weight_N, idx_N = output[0], output[1], output[2]
         tokens = self._state.tokens_for(logits_N.shape[0], logits_N.device)
-        routing = getattr(router, "last_routing", None) if isinstance(router, ReplacementRouter) else None
         if routing is not None:
             logits_TE, idx_TK, weight_TK = routing.logits, routing.topk_idx, routing.topk_weight
         else:
