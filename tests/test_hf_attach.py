@@ -248,7 +248,7 @@ def test_layers_are_named_by_decoder_index_with_clear_errors():
 def test_activation_checkpointing_is_observed_once():
     model = tiny_model("mixtral")
     model.train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ids, mask = tiny_batch(padded=True)
     with attach(model) as handle:
         handle.replace_router("expert-choice", layers=[0])
