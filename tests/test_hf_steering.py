@@ -129,3 +129,21 @@ def test_steering_errors_name_the_argument():
             steer(handle, [0], float("inf"))
         with pytest.raises(ConfigError, match="not an MoE layer"):
             steer(handle, {5: [0]}, 1.0)
+
+
+def test_steering_and_rerouting_share_a_layer_and_undo_independently():
+    from routelab.models.hf import Rerouter
+
+    model = tiny_model("olmoe")
+    ids, mask = tiny_batch()
+    with attach(model) as handle:
+        base, _ = routed(handle, ids, mask)
+        steering = steer(handle, [1], 0.3, layers=[0])
+        rerouter = Rerouter(handle, layers=[0], steps=1, lr=0.5)
+        rerouter.fit(ids, mask)
+        steering.remove()  # the rerouting offset keeps the routelab router in place
+        assert handle.routelab_router(0) is not None and list(rerouter.deltas()) == [0]
+        rerouter.reset()
+        assert handle.routelab_router(0) is None
+        after, _ = routed(handle, ids, mask)
+    assert torch.equal(after, base)

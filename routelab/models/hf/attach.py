@@ -109,6 +109,7 @@ class RoutingHandle:
         self._router_hooks: dict[int, RemovableHandle] = {}
         self._copied_hooks: dict[int, set[int]] = {}
         self._replacement_inits: dict[int, PretrainedInit | None] = {}
+        self._auto_native: set[int] = set()  # layers given the native router by ensure_routelab
         self._load = LoadCounter(len(self._layers), self.num_experts) if track_load else None
         if self._load is not None:
             self._observers.append(self._load)
@@ -277,20 +278,33 @@ class RoutingHandle:
                 )
             self._install(layer, router)
             self._replacement_inits[model_layer] = init
+            self._auto_native.discard(model_layer)
             result[model_layer] = init
         return result
 
     def ensure_routelab(self, layers: int | list[int] | None = None) -> dict[int, Router]:
-        """The routelab routers of ``layers``, installing the native rule where the original is in place."""
+        """The routelab routers of ``layers``, installing the native rule where the original is in
+        place (``release`` puts the original back once nothing uses it)."""
         routers: dict[int, Router] = {}
         for model_layer in self.resolve_layers(layers):
             router = self.routelab_router(model_layer)
             if router is None:
                 self.replace_router(NATIVE, model_layer)
+                self._auto_native.add(model_layer)
                 router = self.routelab_router(model_layer)
             assert router is not None
             routers[model_layer] = router
         return routers
+
+    def release(self, layers: int | list[int] | None = None) -> None:
+        """Restore the original router of ``layers`` that ``ensure_routelab`` replaced, once no
+        logit or selection offset (rerouting, steering) remains on them."""
+        from routelab.models.hf.routers import has_offsets
+
+        for model_layer in self.resolve_layers(layers):
+            router = self.routelab_router(model_layer)
+            if model_layer in self._auto_native and (router is None or not has_offsets(router)):
+                self.restore_router(model_layer)
 
     def restore_router(self, layers: int | list[int] | None = None) -> None:
         """Put the model's own router back in ``layers`` (default all)."""
@@ -304,6 +318,7 @@ class RoutingHandle:
             setattr(layer.block, self.architecture.router_attr, layer.original)
             self._hook_router(layer, layer.original)
             self._replacement_inits.pop(model_layer, None)
+            self._auto_native.discard(model_layer)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the routelab aux losses of the replaced routers in the latest forward (0 if none)."""

@@ -113,7 +113,6 @@ class Rerouter:
         self.layers: list[int] = []
         self.losses: list[list[float]] = []  # the context loss at every step of every fit
         self._deltas: dict[int, LogitOffset] = {}
-        self._installed: list[int] = []
         self._batch_size: int | None = None
 
     # -------------------------------------------------------------- layer choice
@@ -151,9 +150,7 @@ class Rerouter:
         self.layers = self.select_layers(input_ids, attention_mask)
         self._batch_size = int(input_ids.shape[0])
         shape = (self._batch_size, self.handle.num_experts) if self.config.per_request else (self.handle.num_experts,)
-        before = {layer for layer in self.layers if self.handle.routelab_router(layer) is None}
         routers = self.handle.ensure_routelab(self.layers)
-        self._installed = sorted(before)
         for layer, router in routers.items():
             self._deltas[layer] = add_logit_offset(router, OFFSET_NAME, torch.zeros(shape), trainable=True)
 
@@ -163,9 +160,9 @@ class Rerouter:
             router = self.handle.routelab_router(layer)
             if router is not None:
                 remove_offset(router, OFFSET_NAME)
-        if self._installed and self.handle.attached:
-            self.handle.restore_router(self._installed)
-        self._deltas, self._installed, self.layers, self._batch_size = {}, [], [], None
+        if self._deltas and self.handle.attached:
+            self.handle.release(list(self._deltas))
+        self._deltas, self.layers, self._batch_size = {}, [], None
 
     # -------------------------------------------------------------- fitting
 

@@ -191,6 +191,14 @@ def remove_offset(router: Router, name: str) -> bool:
     return removed
 
 
+def has_offsets(router: Router) -> bool:
+    """True while any logit or selection offset is installed on ``router``."""
+    return any(
+        isinstance(holder, (OffsetScorer, SelectionOffset)) and len(holder.offsets) > 0
+        for holder in (router.scorer, router.balancer)
+    )
+
+
 def _add_offset(router: Router, offsets: nn.ModuleDict, name: str, offset: torch.Tensor, trainable: bool) -> LogitOffset:
     if offset.shape[-1] != router.num_experts:
         raise ConfigError(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,13 +41,13 @@ OFFSET_NAME = "steering"
 
 @dataclass
 class Steering:
-    """Steering applied to an attached model; ``remove()`` undoes it."""
+    """Steering applied to an attached model; ``remove()`` undoes it (and puts the model's own
+    router back where routelab put in the native one for it alone)."""
 
     handle: RoutingHandle
     experts: dict[int, list[int]]
     epsilon: float
     mode: str
-    _installed: list[int] = field(default_factory=list)
 
     def remove(self) -> None:
         """Remove the offsets (and the native routers put in for them)."""
@@ -57,9 +57,7 @@ class Steering:
             router = self.handle.routelab_router(layer)
             if router is not None:
                 remove_offset(router, OFFSET_NAME)
-        if self._installed:
-            self.handle.restore_router(self._installed)
-            self._installed = []
+        self.handle.release(list(self.experts))
 
     def __enter__(self) -> Steering:
         return self
@@ -99,9 +97,8 @@ def steer(
         bad = [e for e in ids if not 0 <= int(e) < handle.num_experts]
         if bad:
             raise ConfigError(f"experts {bad} of layer {layer} are out of range [0, {handle.num_experts}).")
-    before = {layer for layer in plan if handle.routelab_router(layer) is None}
     routers = handle.ensure_routelab(list(plan))
-    steering = Steering(handle, plan, epsilon, mode, sorted(before))
+    steering = Steering(handle, plan, epsilon, mode)
     for layer, router in routers.items():
         offset = torch.zeros(handle.num_experts)
         value = math.copysign(math.inf, epsilon) if mode == "force" and epsilon != 0 else epsilon
