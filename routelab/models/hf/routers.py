@@ -226,7 +226,7 @@ def native_router(arch: Architecture, original: nn.Module) -> Router:
 
     Bit-identical to ``original`` in fp32 (the router math runs in fp32; transformers
     computes the logits of every architecture but DeepSeek-V3 in the model dtype, so in
-    bf16 the two differ by the rounding of the logits).
+    bf16 the two may differ by the rounding of the logits).
     """
     num_experts, top_k = int(original.num_experts), int(original.top_k)
     scorer = PretrainedLinearScorer(original.weight, _pretrained_bias(original))
