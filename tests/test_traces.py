@@ -7,12 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_moe import ToyMoELM
+from toy_moe import ToyMoELM, single_thread
 
 import routelab
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.context import TokenBatch
 from routelab.traces import Trace, TraceRecorder, TraceWriter, sequence_offsets
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 def random_rows(rng: np.random.Generator, n: int, k: int, num_experts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -194,7 +194,11 @@ def llep_plan(
 
 @dataclass(frozen=True)
 class EPCostModel:
-    """Hardware constants of the step-time model (defaults: an H100-class node, bf16).
+    """Hardware constants of the step-time model.
+
+    Defaults: the LLEP paper's setting, gpt-oss-120b experts (D = H = 2880, bf16, 50 MB of
+    SwiGLU weights) on an 8-GPU H100-class node (400 TFLOP/s sustained, 200 GB/s effective
+    NVLink all-to-all and peer-to-peer per rank, 20 µs per expert GEMM launch).
 
     Attributes:
         d_model, d_hidden: expert shape (SwiGLU: 3 matrices of ``D x H``).
@@ -205,12 +209,12 @@ class EPCostModel:
         act_bytes, weight_bytes: bytes per activation / weight element.
     """
 
-    d_model: int = 4096
-    d_hidden: int = 14336
+    d_model: int = 2880
+    d_hidden: int = 2880
     flops: float = 400e12
     gemm_overhead_s: float = 20e-6
-    link_bandwidth: float = 50e9
-    p2p_bandwidth: float = 50e9
+    link_bandwidth: float = 200e9
+    p2p_bandwidth: float = 200e9
     act_bytes: int = 2
     weight_bytes: int = 2
 
