@@ -133,6 +133,9 @@ def test_window_histogram_matches_brute_force(params, window):
     for native in KERNELS:
         got = window_count_histogram(ids, items, window, seg_offsets=offsets, native=native)
         np.testing.assert_array_equal(got, expected)
+        per = window_count_histogram(ids, items, window, seg_offsets=offsets, per_segment=True, native=native)
+        assert per.shape == (2, window + 1)
+        np.testing.assert_array_equal(per.sum(axis=0), expected)
 
 
 @settings(max_examples=30, deadline=None)

@@ -30,7 +30,9 @@ layer l-1)``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +40,7 @@ import numpy as np
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.validation import check_choice
 from routelab.metrics.coactivation import layer_transition_counts
-from routelab.metrics.replay import lru_prefetch_replay, stack_replay
+from routelab.metrics.replay import access_trace, lru_prefetch_replay, stack_replay
 
 DEMAND_POLICIES = ("lru", "lfu", "belady")
 SCOPES = ("layer", "pooled")
@@ -181,6 +183,7 @@ def simulate_cache(
     train_fraction: float = 0.5,
     reset_per_sequence: bool = False,
     model: BandwidthModel | None = None,
+    workers: int | None = None,
 ) -> CacheSweep:
     """Replay ``trace`` against expert caches of each size and policy.
 
@@ -194,6 +197,7 @@ def simulate_cache(
         prefetch_width: experts prefetched per token and layer (default ``k``).
         reset_per_sequence: empty the caches at every sequence (default: one stream).
         model: the bandwidth/compute model.
+        workers: threads replaying layers in parallel (default: one per CPU).
     """
     check_choice("scope", scope, SCOPES)
     check_choice("predictor", predictor, PREDICTORS)
@@ -240,11 +244,16 @@ def simulate_cache(
 
     pooled_ids = _pooled_stream(idx, layers, num_experts) if scope == "pooled" else None
     pooled_offsets = offsets * len(layers)
+    if scope == "layer" and policies:
+        def layer_loads(layer: int) -> dict[str, np.ndarray]:
+            acc = access_trace(idx[layer], num_experts, offsets)
+            return {p: stack_replay(acc, num_experts, p).loads().sum(axis=0) for p in policies}
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, len(layers)))) as pool:
+            per_layer = list(pool.map(layer_loads, layers))
     for policy in policies:
         if scope == "layer":
-            loads = np.zeros(num_experts, np.int64)
-            for layer in layers:
-                loads += stack_replay(idx[layer], num_experts, policy, seg_offsets=offsets).loads().sum(axis=0)
+            loads = sum(r[policy] for r in per_layer)
             for c in sizes:
                 add(policy, c, int(loads[c - 1]))
         else:
