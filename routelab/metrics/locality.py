@@ -68,6 +68,15 @@ def map_layers(trace, fn: Callable[[int, np.ndarray], Any], workers: int | None 
     return results
 
 
+
+def active_experts(trace) -> int:  # noqa: ANN001 - TraceLike
+    """Experts per token, rounded (at least 1): the mean number of filled slots over tokens
+    and layers. Equals ``k`` for top-k routers; for expert choice, dynamic-k or dropping
+    routers it is the average the cache sizes are measured in (moe-lrc's ``cache_m`` unit)."""
+    filled = [float((trace.topk_idx(layer) >= 0).sum(axis=1).mean()) for layer in trace.layers if trace.num_tokens]
+    return max(int(round(float(np.mean(filled)))) if filled else 1, 1)
+
+
 # ----------------------------------------------------------------------------- SRP
 @dataclass(frozen=True)
 class SRPResult:
@@ -214,7 +223,8 @@ class CacheCurve:
         layer: the layer, or None for the model-level (pooled) trace.
         hit_rate: ``[I]`` for ``C = 1..I``; ``ci_low``/``ci_high`` bootstrap bounds or None.
         capacity_unit: active experts per token (``k``, or ``k·n_layers`` at the model
-            level); ``cache_multiple = C / capacity_unit`` is moe-lrc's ``cache_m``.
+            level; the rounded mean for variable-k routers, see ``active_experts``);
+            ``cache_multiple = C / capacity_unit`` is moe-lrc's ``cache_m``.
         accesses: accesses replayed.
     """
 
@@ -329,12 +339,14 @@ def segment_cache_hit_rates(
     if level == "model":
         items = sub.num_experts * len(sub.layers)
         acc = access_trace(model_level_ids(sub), items, offsets)
-        unit = max(sub.k_max, 1) * len(sub.layers)
+        unit = active_experts(sub) * len(sub.layers)
         return [cache_hit_curve(acc, items, policy, future_len=L, capacity_unit=unit, **common) for policy, L in runs]
+
+    unit = active_experts(sub)
 
     def layer_curves(layer: int, ids: np.ndarray) -> list[CacheCurve]:
         acc = access_trace(ids, sub.num_experts, offsets)
-        return [cache_hit_curve(acc, sub.num_experts, policy, future_len=L, capacity_unit=max(sub.k_max, 1),
+        return [cache_hit_curve(acc, sub.num_experts, policy, future_len=L, capacity_unit=unit,
                                 layer=layer, **common) for policy, L in runs]
 
     return [curve for curves in map_layers(sub, layer_curves, workers) for curve in curves]

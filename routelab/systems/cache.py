@@ -40,6 +40,7 @@ import numpy as np
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.validation import check_choice
 from routelab.metrics.coactivation import layer_transition_counts
+from routelab.metrics.locality import active_experts
 from routelab.metrics.replay import access_trace, lru_prefetch_replay, stack_replay
 
 DEMAND_POLICIES = ("lru", "lfu", "belady")
@@ -188,13 +189,15 @@ def simulate_cache(
     """Replay ``trace`` against expert caches of each size and policy.
 
     Args:
-        cache_sizes: experts per layer (default ``k, 2k, 4k, ..., E``).
+        cache_sizes: experts per layer (default ``k, 2k, 4k, ..., E`` with ``k`` the mean
+            active experts per token).
         policies: demand-paging policies among ``lru``, ``lfu``, ``belady``.
         scope: ``layer`` or ``pooled``.
         prefetch: add the ``prefetch-lru`` policy (LRU plus layer-ahead prefetch).
         predictor: ``transition`` (learned on the first ``train_fraction`` of the tokens;
             all policies are then evaluated on the remaining tokens) or ``oracle``.
-        prefetch_width: experts prefetched per token and layer (default ``k``).
+        prefetch_width: experts prefetched per token and layer (default: the mean active
+            experts per token).
         reset_per_sequence: empty the caches at every sequence (default: one stream).
         model: the bandwidth/compute model.
         workers: threads replaying layers in parallel (default: one per CPU).
@@ -205,7 +208,7 @@ def simulate_cache(
         check_choice("policy", p, DEMAND_POLICIES)
     model = model or BandwidthModel()
     layers = tuple(trace.layers)
-    num_experts, k = trace.num_experts, max(trace.k_max, 1)
+    num_experts, k = trace.num_experts, active_experts(trace)
     sizes = _check_sizes(cache_sizes or default_cache_sizes(k, num_experts), num_experts)
     width = k if prefetch_width is None else int(prefetch_width)
     if prefetch and width < 1:

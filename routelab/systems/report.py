@@ -21,7 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from routelab.metrics.balance import layer_balance
-from routelab.metrics.locality import SEG_LENGTHS, segment_cache_hit_rates, segment_routing_performance
+from routelab.metrics.locality import (
+    SEG_LENGTHS,
+    active_experts,
+    segment_cache_hit_rates,
+    segment_routing_performance,
+)
 from routelab.metrics.sparsity import sparsity_by_layer
 from routelab.metrics.specialization import domain_divergence, mutual_information
 from routelab.systems.cache import BandwidthModel, simulate_cache
@@ -76,7 +81,7 @@ def analyze_trace(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda _: None)
-    k, num_experts, layers = max(trace.k_max, 1), trace.num_experts, tuple(trace.layers)
+    k, num_experts, layers = active_experts(trace), trace.num_experts, tuple(trace.layers)
     data: dict[str, Any] = {"metadata": trace.metadata, "tokens": trace.num_tokens, "layers": list(layers),
                             "num_experts": num_experts, "k_max": trace.k_max, "domains": trace.domain_names}
     md = [f"# Routing analysis: {trace.metadata.get('model', 'trace')}", ""]
@@ -84,7 +89,7 @@ def analyze_trace(
                  for key, value in trace.metadata.items()]
     md += [_table(["key", "value"], meta_rows), "",
            f"{trace.num_tokens} tokens in {trace.sequence_offsets().size - 1} sequences, {len(layers)} MoE layers, "
-           f"{num_experts} experts, k = {trace.k_max}.", ""]
+           f"{num_experts} experts, k_max = {trace.k_max}, {k} active experts per token (the cache-size unit).", ""]
 
     step("balance")
     balance = layer_balance(trace, batch_tokens=options.batch_tokens)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from routelab.metrics.locality import segment_cache_hit_rates
+from routelab.metrics.locality import active_experts, segment_cache_hit_rates
 from routelab.systems.cache import simulate_cache
 from routelab.systems.ep import EPCostModel, LLEPConfig, default_devices, simulate_ep
 
@@ -24,7 +24,7 @@ def serving_summary(
     """What a router's routing costs a server, at a cache of twice the active experts.
 
     Returns:
-        ``cache_size`` (= min(2k, E) experts per layer), ``sch_2k`` (SCH with look-ahead
+        ``cache_size`` (= min(2k, E) experts per layer, k = mean active experts per token), ``sch_2k`` (SCH with look-ahead
         ``sch_future_len``, moe-lrc rules, mean over layers), ``lru_hit_2k`` (LRU under the
         same rules), ``lru_serving_hit_2k`` (LRU share of expert uses that need no load, one
         continuous stream per layer), ``ep_devices``, ``ep_max_mean`` and
@@ -32,7 +32,7 @@ def serving_summary(
         spec defaults λ = 1.3, α = 1, m = 1024) and ``llep_speedup`` (modelled step time,
         standard / LLEP).
     """
-    k = max(trace.k_max, 1)
+    k = active_experts(trace)
     cache_size = min(2 * k, trace.num_experts)
     curves = segment_cache_hit_rates(trace, future_lens=[sch_future_len], baselines=["lru"],
                                      level="layer", sequence_stride=sequence_stride)
