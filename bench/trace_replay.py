@@ -82,7 +82,9 @@ def main() -> None:
         fast = lookups / np.median(seconds)
         ref_offsets = offsets[offsets <= ref_n]
         ref_offsets = np.append(ref_offsets, ref_n) if ref_offsets[-1] != ref_n else ref_offsets
-        _, ref_s = timed(lambda: stack_replay(ids0[:ref_n], args.experts, policy, seg_offsets=ref_offsets, native=False))
+        _, ref_s = timed(
+            lambda: stack_replay(ids0[:ref_n], args.experts, policy, seg_offsets=ref_offsets, native=False)
+        )
         slow = ref_n * args.k / ref_s
         print(f"{policy:8s} {fast / 1e6:10.1f} M {slow / 1e6:22.3f} M {fast / slow:7.0f}x")
 

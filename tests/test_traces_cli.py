@@ -167,7 +167,8 @@ def test_analyze_writes_report_plots_and_json(tmp_path, skewed_trace):
     for section in ("## Load balance", "## Local routing consistency", "## Expert offloading",
                     "## Domain specialisation", "## Expert parallelism", "## Batch scheduling", "## Serving summary"):
         assert section in report
-    for plot in ("load_heatmap.png", "sch_curves.png", "cache_hit_rate.png", "domain_divergence.png", "ep_device_load.png"):
+    plots = ("load_heatmap.png", "sch_curves.png", "cache_hit_rate.png", "domain_divergence.png", "ep_device_load.png")
+    for plot in plots:
         assert (out / plot).stat().st_size > 1000 and plot in report
     data = json.loads((out / "analysis.json").read_text())
     assert data["tokens"] == 24 * 64 and data["serving_summary"]["cache_size"] == 4
@@ -179,7 +180,8 @@ def test_simulate_commands(tmp_path, skewed_trace):
                                 "--json", str(tmp_path / "c.json")])
     assert cache.exit_code == 0, cache.output
     rows = json.loads((tmp_path / "c.json").read_text())
-    assert {r["policy"] for r in rows} == {"lru", "lfu", "belady", "prefetch-lru"} and "predictor recall" in cache.output
+    assert {r["policy"] for r in rows} == {"lru", "lfu", "belady", "prefetch-lru"}
+    assert "predictor recall" in cache.output
     ep = runner.invoke(app, ["simulate", "ep", str(skewed_trace), "--devices", "4", "--batch-tokens", "256",
                              "--min-chunk", "8"])
     assert ep.exit_code == 0 and "LLEP speed-up" in ep.output

@@ -60,7 +60,9 @@ def load_checkpoint(path: Path) -> tuple[Any, Any, dict[str, Any]]:
 
 def trace_command(
     checkpoint: Path = typer.Argument(..., help="TinyLM checkpoint written by `routelab train`."),
-    corpus: list[str] = typer.Option(..., "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains)."),
+    corpus: list[str] = typer.Option(
+        ..., "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Trace directory to write (e.g. runs/x/val.trace)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence (documents are cut into pieces)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward."),
@@ -140,7 +142,9 @@ def simulate_cache_command(
     scope: str = typer.Option("layer", "--scope", help="layer (one cache per layer) or pooled (shared)."),
     prefetch: bool = typer.Option(False, "--prefetch", help="Add LRU with layer-ahead prefetch."),
     predictor: str = typer.Option("transition", "--predictor", help="transition (learned) or oracle."),
-    prefetch_width: int | None = typer.Option(None, "--prefetch-width", help="Experts prefetched per layer (default k)."),
+    prefetch_width: int | None = typer.Option(
+        None, "--prefetch-width", help="Experts prefetched per layer (default k)."
+    ),
     expert_mb: float = typer.Option(3 * 4096 * 14336 * 2 / 1e6, "--expert-mb", help="Expert size in MB."),
     bandwidth_gbs: float = typer.Option(25.0, "--bandwidth-gbs", help="Host-to-device bandwidth, GB/s."),
     compute_ms: float = typer.Option(0.5, "--compute-ms", help="Compute per token and expert, ms."),
@@ -166,7 +170,8 @@ def simulate_cache_command(
     for col in ("policy", "C", "hit rate", "loads", "GB moved", "prefetch loads", "prefetch GB", "ms/token"):
         table.add_column(col, justify="right")
     for r in sweep.results:
-        table.add_row(r.policy, str(r.cache_size), f"{r.hit_rate:.4f}", str(r.demand_loads), f"{r.bytes_moved / 1e9:.2f}",
+        table.add_row(r.policy, str(r.cache_size), f"{r.hit_rate:.4f}", str(r.demand_loads),
+                      f"{r.bytes_moved / 1e9:.2f}",
                       str(r.prefetch_loads), f"{r.prefetch_bytes / 1e9:.2f}", f"{r.latency_per_token_s * 1e3:.3f}")
     console.print(table)
     if sweep.predictor_recall is not None:
@@ -201,13 +206,16 @@ def simulate_ep_command(
                              llep=LLEPConfig(lam=lam, alpha=alpha, min_chunk=min_chunk, gate=gate), model=model)
     except RoutelabError as err:
         _fail(err)
-    table = Table(title=f"expert parallelism: {report.num_devices} devices, {report.steps} layer-steps of {report.batch_tokens} tokens")
+    table = Table(title=f"expert parallelism: {report.num_devices} devices, "
+                        f"{report.steps} layer-steps of {report.batch_tokens} tokens")
     table.add_column("")
     table.add_column("standard EP", justify="right")
     table.add_column("LLEP", justify="right")
     table.add_row("max/mean device load", f"{report.max_mean_load:.3f}", f"{report.max_mean_load_llep:.3f}")
-    table.add_row("step time (ms, mean)", f"{report.time_s / report.steps * 1e3:.3f}", f"{report.time_s_llep / report.steps * 1e3:.3f}")
-    table.add_row("all-to-all MB per rank", f"{report.a2a_bytes_per_rank / 1e6:.2f}", f"{report.a2a_bytes_per_rank_llep / 1e6:.2f}")
+    per_step = 1e3 / report.steps
+    table.add_row("step time (ms, mean)", f"{report.time_s * per_step:.3f}", f"{report.time_s_llep * per_step:.3f}")
+    table.add_row("all-to-all MB per rank", f"{report.a2a_bytes_per_rank / 1e6:.2f}",
+                  f"{report.a2a_bytes_per_rank_llep / 1e6:.2f}")
     table.add_row("weights moved MB per step", "0", f"{report.weight_bytes_per_step_llep / 1e6:.1f}")
     table.add_row("per-device load", " ".join(f"{v:.0f}" for v in report.device_loads),
                   " ".join(f"{v:.0f}" for v in report.device_loads_llep))

@@ -111,7 +111,12 @@ def srp_from_histogram(hist: np.ndarray, window: int) -> tuple[float, int, np.nd
 
 
 def srp_histograms(
-    ids_NK: np.ndarray | AccessTrace, num_experts: int, window: int, seq_offsets: np.ndarray, *, per_sequence: bool = False
+    ids_NK: np.ndarray | AccessTrace,
+    num_experts: int,
+    window: int,
+    seq_offsets: np.ndarray,
+    *,
+    per_sequence: bool = False,
 ) -> np.ndarray:
     """Window-count histograms: ``[W+1]`` summed, or ``[S, W+1]`` per sequence."""
     return window_count_histogram(ids_NK, num_experts, window, seg_offsets=seq_offsets, per_segment=per_sequence)
@@ -194,7 +199,9 @@ def segment_routing_performance(
                     srp, theta, f1, act_r, best_m = srp_from_histogram(per_layer[layer][(window, expert)], window)
                     results.append(SRPResult(window, srp, theta, f1, act_r, best_m, layer, expert))
         elif level == "layer":
-            results += [_srp_result(per_layer[layer][window], window, weights, confidence, layer) for layer in trace.layers]
+            results += [
+                _srp_result(per_layer[layer][window], window, weights, confidence, layer) for layer in trace.layers
+            ]
         else:
             pooled = sum(per_layer[layer][window] for layer in trace.layers)
             results.append(_srp_result(pooled, window, weights, confidence, None))

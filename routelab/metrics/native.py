@@ -70,10 +70,10 @@ def load_kernels() -> ctypes.CDLL | None:
         warnings.warn("routelab: the C replay kernels are not built on Windows; using the pure-Python kernels.",
                       RuntimeWarning, stacklevel=2)
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = cache_dir() / f"replay-{key}.so"
     try:
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
+        target = cache_dir() / f"replay-{key}.so"
         if not target.exists():
             _compile(target)
         return _declare(ctypes.CDLL(str(target)))

@@ -92,7 +92,9 @@ def access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarray | N
             dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
             if dup.any():
                 row = int(np.flatnonzero(dup.any(axis=1))[0])
-                raise InputError(f"step {row} accesses the same expert twice ({ids[row].tolist()}); top-k ids must be distinct.")
+                raise InputError(
+                    f"step {row} accesses the same expert twice ({ids[row].tolist()}); top-k ids must be distinct."
+                )
     n = ids.shape[0]
     if seg_offsets is None:
         offsets = np.array([0, n], dtype=np.int64)
@@ -138,7 +140,8 @@ def stack_replay(
     """
     if policy not in POLICIES:
         raise ConfigError(f"policy={policy!r} must be one of {POLICIES}.")
-    if policy == "sch" and (isinstance(future_len, bool) or not isinstance(future_len, (int, np.integer)) or future_len < 1):
+    bad_len = isinstance(future_len, bool) or not isinstance(future_len, (int, np.integer)) or future_len < 1
+    if policy == "sch" and bad_len:
         raise ConfigError(f"future_len must be an integer >= 1 for SCH, got {future_len!r}.")
     ids, offsets = check_access_trace(ids_NK, num_items, seg_offsets)
     num_segments = len(offsets) - 1
@@ -332,8 +335,10 @@ def _window_hist_numpy(ids: np.ndarray, num_items: int, offsets: np.ndarray, win
             continue
         rows = ids[t0:t1]
         onehot = np.zeros((t1 - t0, num_items + 1), dtype=np.int32)
-        np.add.at(onehot, (np.repeat(np.arange(t1 - t0), rows.shape[1]), np.where(rows >= 0, rows, num_items).ravel()), 1)
-        prefix = np.concatenate([np.zeros((1, num_items), np.int32), np.cumsum(onehot[:, :num_items], axis=0, dtype=np.int32)])
+        token = np.repeat(np.arange(t1 - t0), rows.shape[1])
+        np.add.at(onehot, (token, np.where(rows >= 0, rows, num_items).ravel()), 1)
+        cumulative = np.cumsum(onehot[:, :num_items], axis=0, dtype=np.int32)
+        prefix = np.concatenate([np.zeros((1, num_items), np.int32), cumulative])
         counts = prefix[window:] - prefix[:-window]
         hist += np.bincount(counts.ravel(), minlength=window + 1)[: window + 1]
 

@@ -114,7 +114,8 @@ class CacheSweep:
         """``(cache sizes, hit rates)`` of one policy."""
         rows = [r for r in self.results if r.policy == policy]
         if not rows:
-            raise ConfigError(f"policy {policy!r} is not in this sweep; it has {sorted({r.policy for r in self.results})}.")
+            known = sorted({r.policy for r in self.results})
+            raise ConfigError(f"policy {policy!r} is not in this sweep; it has {known}.")
         return np.array([r.cache_size for r in rows]), np.array([r.hit_rate for r in rows])
 
     def get(self, policy: str, cache_size: int) -> CacheResult:
@@ -222,7 +223,9 @@ def simulate_cache(
         start = int(round(trace.num_tokens * train_fraction))
         if len(layers) < 2:
             raise ConfigError("layer-ahead prefetch needs at least two layers in the trace.")
-        notes.append(f"predictor learned on tokens [0, {start}); every policy evaluated on tokens [{start}, {trace.num_tokens}).")
+        notes.append(
+            f"predictor learned on tokens [0, {start}); every policy evaluated on tokens [{start}, {trace.num_tokens})."
+        )
     num_tokens = trace.num_tokens - start
     if num_tokens <= 0:
         raise InputError("no tokens left to evaluate; the trace is empty or train_fraction too large.")
@@ -274,7 +277,9 @@ def simulate_cache(
                 pred = idx[layer][:, :width] if width <= idx[layer].shape[1] else np.pad(
                     idx[layer], ((0, 0), (0, width - idx[layer].shape[1])), constant_values=-1)
             else:
-                trans = layer_transition_counts(routing[prev].topk_idx[:start], routing[layer].topk_idx[:start], num_experts)
+                trans = layer_transition_counts(
+                    routing[prev].topk_idx[:start], routing[layer].topk_idx[:start], num_experts
+                )
                 pred = predict_next_layer(trans, idx[prev], routing[prev].topk_weight[start:], width)
             predicted[layer] = pred.astype(np.int32)
             h, nt, npred = _recall_precision(predicted[layer], idx[layer])
@@ -287,7 +292,9 @@ def simulate_cache(
                 step_p = np.zeros((len(layers), num_tokens), np.int64)
                 for i, layer in enumerate(layers):
                     r = lru_prefetch_replay(idx[layer], predicted[layer], num_experts, c, seg_offsets=offsets)
-                    demand, prefetch_loads, useful = demand + r.demand_loads, prefetch_loads + r.prefetch_loads, useful + r.useful_prefetches
+                    demand += r.demand_loads
+                    prefetch_loads += r.prefetch_loads
+                    useful += r.useful_prefetches
                     step_p[i] = r.step_prefetch_loads
             else:
                 pred_stream = _pooled_stream(predicted, layers, num_experts)

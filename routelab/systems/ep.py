@@ -273,7 +273,8 @@ def step_cost(
         weights[dst] += model.expert_weight_bytes
     transfer = float(weights.max(initial=0)) / model.p2p_bandwidth
     time = 2 * a2a + transfer + float(compute.max(initial=0))
-    return EPStep(np.bincount(dest, minlength=num_devices), send.astype(float), recv.astype(float), weights, compute, time)
+    loads = np.bincount(dest, minlength=num_devices)
+    return EPStep(loads, send.astype(float), recv.astype(float), weights, compute, time)
 
 
 @dataclass(frozen=True)

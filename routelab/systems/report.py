@@ -108,7 +108,8 @@ def analyze_trace(
     rows = [(layer, *(balance.per_layer[m][i] for m in ("max_vio", "cv", "entropy", "gini", "min_max_ratio")),
              int(balance.per_layer["dead_experts"][i]), balance.per_batch["max_vio"][i], balance.per_batch["cv"][i])
             for i, layer in enumerate(layers)]
-    md += [_table(["layer", "MaxVio", "CV", "entropy", "Gini", "min/max", "dead", "batch MaxVio", "batch CV"], rows), ""]
+    header = ["layer", "MaxVio", "CV", "entropy", "Gini", "min/max", "dead", "batch MaxVio", "batch CV"]
+    md += [_table(header, rows), ""]
     pct = balance.percentiles()
     md += ["Percentiles across layers:", "",
            _table(["metric", "p0", "p50", "p90", "p100"], [(m, *pct[m].values()) for m in pct]), ""]
@@ -117,7 +118,8 @@ def analyze_trace(
     sparsity = sparsity_by_layer(trace, windows=(8, 64))
     data["sparsity"] = sparsity
     md += ["## Activation sparsity (BlockFFN TLS / CLS)", "",
-           _table(["layer", "TLS", "CLS(8)", "CLS(64)"], [(layer, s["tls"], s["cls_8"], s["cls_64"]) for layer, s in sparsity.items()]), ""]
+           _table(["layer", "TLS", "CLS(8)", "CLS(64)"],
+                  [(layer, s["tls"], s["cls_8"], s["cls_64"]) for layer, s in sparsity.items()]), ""]
 
     step("SRP")
     windows = [w for w in options.windows if w <= max(np.diff(trace.sequence_offsets()), default=0)]
@@ -158,7 +160,8 @@ def analyze_trace(
     md += [f"SCH and LRU/LFU/Belady hit rates, mean over layers, caches restarted per sequence, every "
            f"{options.sequence_stride}th sequence:", "", f"![SCH curves]({_save(fig, out / 'sch_curves.png')})", ""]
     show = [c for c in (k, 2 * k, 4 * k) if c <= num_experts]
-    md += [_table(["policy", *[f"C={c} ({c // k}k)" for c in show]], [(n, *(v[c - 1] for c in show)) for n, v in mean.items()]), ""]
+    header = ["policy", *[f"C={c} ({c // k}k)" for c in show]]
+    md += [_table(header, [(n, *(v[c - 1] for c in show)) for n, v in mean.items()]), ""]
 
     step("cache simulation")
     prefetch = options.prefetch and len(layers) > 1 and trace.num_tokens >= 4
@@ -177,7 +180,8 @@ def analyze_trace(
            f"{options.bandwidth.expert_bytes / 1e6:.0f} MB, link {options.bandwidth.bandwidth / 1e9:.0f} GB/s, "
            f"{options.bandwidth.expert_compute_s * 1e3:.2f} ms compute per token-expert.", ""]
     if sweep.predictor_recall is not None:
-        md += [f"Layer-ahead predictor: recall {sweep.predictor_recall:.3f}, precision {sweep.predictor_precision:.3f}. "
+        md += [f"Layer-ahead predictor: recall {sweep.predictor_recall:.3f}, "
+               f"precision {sweep.predictor_precision:.3f}. "
                + " ".join(sweep.notes), ""]
     md += [_table(["policy", "C", "hit rate", "GB moved", "prefetch GB", "ms / token"],
                   [(r.policy, r.cache_size, r.hit_rate, r.bytes_moved / 1e9, r.prefetch_bytes / 1e9,
@@ -196,17 +200,20 @@ def analyze_trace(
             ax = fig.add_subplot()
             for a in range(len(names)):
                 for b in range(a + 1, len(names)):
-                    ax.plot(layers, [divergence[layer][a, b] for layer in layers], marker="o", label=f"{names[a]} vs {names[b]}")
+                    pair = [divergence[layer][a, b] for layer in layers]
+                    ax.plot(layers, pair, marker="o", label=f"{names[a]} vs {names[b]}")
             ax.set(xlabel="layer", ylabel="JSD / ln 2", title="per-domain routing divergence")
             ax.legend(fontsize=8)
             md += [f"![domain divergence]({_save(fig, out / 'domain_divergence.png')})", ""]
-        md += [_table(["layer", "I(expert; domain) nats", "I / H(domain)"], [(layer, *mi[layer]) for layer in layers]), ""]
+        header = ["layer", "I(expert; domain) nats", "I / H(domain)"]
+        md += [_table(header, [(layer, *mi[layer]) for layer in layers]), ""]
 
     step("expert parallelism")
     devices = options.devices or default_devices(num_experts)
     ep = simulate_ep(trace, devices=devices, batch_tokens=min(options.ep_batch_tokens, max(trace.num_tokens, 1)),
                      llep=options.llep, model=options.ep_model)
-    data["ep"] = ep.as_dict() | {"device_loads": ep.device_loads.tolist(), "device_loads_llep": ep.device_loads_llep.tolist()}
+    data["ep"] = ep.as_dict() | {"device_loads": ep.device_loads.tolist(),
+                                 "device_loads_llep": ep.device_loads_llep.tolist()}
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     x = np.arange(devices)
@@ -215,7 +222,8 @@ def analyze_trace(
     ax.set(xlabel="device", ylabel="assignments per step (mean)", title="per-device load")
     ax.legend(fontsize=8)
     md += ["## Expert parallelism", "", f"![EP load]({_save(fig, out / 'ep_device_load.png')})", "",
-           f"{devices} devices, steps of {ep.batch_tokens} tokens, LLEP λ={options.llep.lam}, α={options.llep.alpha}, "
+           f"{devices} devices, steps of {ep.batch_tokens} tokens, "
+           f"LLEP λ={options.llep.lam}, α={options.llep.alpha}, "
            f"m={options.llep.min_chunk}.", "",
            _table(["", "standard EP", "LLEP"], [
                ("max / mean device load", ep.max_mean_load, ep.max_mean_load_llep),
@@ -234,7 +242,8 @@ def analyze_trace(
         data["schedule"][unit] = {"batch": batch, "pool": pool, "cost": schedule.cost,
                                   "arrival_cost": schedule.arrival_cost, "reduction": schedule.reduction}
         rows.append((f"{unit}s, batches of {batch}" + (f", queue of {pool}" if pool else ""),
-                     schedule.arrival_experts_per_batch_layer, schedule.experts_per_batch_layer, f"{schedule.reduction:.1%}"))
+                     schedule.arrival_experts_per_batch_layer, schedule.experts_per_batch_layer,
+                     f"{schedule.reduction:.1%}"))
     md += [_table(["unit", "arrival order", "scheduled", "reduction"], rows), ""]
 
     step("serving summary")

@@ -142,6 +142,12 @@ def schedule_batches(sets_ND: np.ndarray, batch_size: int, *, pool_size: int | N
     return ScheduleResult(batches, batch_cost(sets, batches), batch_cost(sets, arrival), num_layers)
 
 
-def schedule_trace(trace, batch_size: int, *, unit: str = "sequence", pool_size: int | None = None) -> ScheduleResult:  # noqa: ANN001
+def schedule_trace(
+    trace,  # noqa: ANN001 - TraceLike
+    batch_size: int,
+    *,
+    unit: str = "sequence",
+    pool_size: int | None = None,
+) -> ScheduleResult:
     """``schedule_batches`` on the route sets of ``trace``."""
     return schedule_batches(route_sets(trace, unit), batch_size, pool_size=pool_size, num_layers=len(trace.layers))

@@ -24,13 +24,13 @@ def serving_summary(
     """What a router's routing costs a server, at a cache of twice the active experts.
 
     Returns:
-        ``cache_size`` (= min(2k, E) experts per layer, k = mean active experts per token), ``sch_2k`` (SCH with look-ahead
-        ``sch_future_len``, moe-lrc rules, mean over layers), ``lru_hit_2k`` (LRU under the
-        same rules), ``lru_serving_hit_2k`` (LRU share of expert uses that need no load, one
-        continuous stream per layer), ``ep_devices``, ``ep_max_mean`` and
-        ``ep_max_mean_llep`` (device max/mean load per step, standard EP and LLEP with the
-        spec defaults λ = 1.3, α = 1, m = 1024) and ``llep_speedup`` (modelled step time,
-        standard / LLEP).
+        ``cache_size``: ``min(2k, E)`` experts per layer (k = mean active experts per token);
+        ``sch_2k``: SCH with look-ahead ``sch_future_len`` (moe-lrc rules), mean over layers;
+        ``lru_hit_2k``: LRU under the same rules; ``lru_serving_hit_2k``: LRU share of expert
+        uses that need no load, one continuous stream per layer; ``ep_devices``;
+        ``ep_max_mean`` and ``ep_max_mean_llep``: device max/mean load per step, standard EP
+        and LLEP with the spec defaults λ = 1.3, α = 1, m = 1024; ``llep_speedup``: modelled
+        step time, standard / LLEP.
     """
     k = active_experts(trace)
     cache_size = min(2 * k, trace.num_experts)

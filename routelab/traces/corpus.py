@@ -95,7 +95,9 @@ def encoder_of(tokenizer: Any) -> Callable[[str], list[int]]:
     return run
 
 
-def batches(sequences: Iterable[tuple[str, list[int]]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def batches(
+    sequences: Iterable[tuple[str, list[int]]], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """``(input_ids [B, S], padding_mask [B, S], domains)`` with right padding (id 0)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
@@ -163,7 +165,9 @@ def record_corpus(
             writer.commit({"batches_done": done, "tokens": tokens, "next_seq_id": recorder.next_seq_id})
     writer.commit({"batches_done": done, "tokens": tokens, "next_seq_id": recorder.next_seq_id})
     if tokens == 0:
-        raise InputError("the corpus produced no tokens to trace (empty files, or max_tokens too small for one sequence).")
+        raise InputError(
+            "the corpus produced no tokens to trace (empty files, or max_tokens too small for one sequence)."
+        )
     return tokens
 
 
