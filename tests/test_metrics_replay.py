@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_cache import simulate_all_sizes, simulate_lru_prefetch
+from tests.reference_cache import simulate_all_sizes, simulate_lru_prefetch
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.metrics.native import load_kernels

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_cache import simulate_demand_paging, simulate_lru_prefetch
+from tests.reference_cache import simulate_demand_paging, simulate_lru_prefetch
 
 from routelab.core.errors import ConfigError
 from routelab.systems.cache import BandwidthModel, default_cache_sizes, predict_next_layer, simulate_cache

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_moe import ToyMoELM, single_thread
+from tests.toy_moe import ToyMoELM, single_thread
 
 import routelab
 from routelab.core.errors import ConfigError, InputError

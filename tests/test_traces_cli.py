@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from toy_moe import ToyMoELM, single_thread
+from tests.toy_moe import ToyMoELM, single_thread
 from typer.testing import CliRunner
 
 from routelab.cli import app

@@ -14,11 +14,9 @@ from rich.table import Table
 
 from routelab.core.errors import ConfigError, RoutelabError
 
-console = Console()
-
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+    Console().print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -72,6 +70,7 @@ def trace_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted trace at --out."),
 ) -> None:
     """Run a trained checkpoint over a corpus and record its routing as a trace."""
+    console = Console()
     from routelab.traces import TraceRecorder, TraceWriter
     from routelab.traces.corpus import corpus_description, encoder_of, parse_corpus, record_corpus, token_sequences
     from routelab.traces.recorder import ModuleRoutingSource
@@ -121,6 +120,7 @@ def analyze_command(
     no_prefetch: bool = typer.Option(False, "--no-prefetch", help="Skip the layer-ahead prefetch simulation."),
 ) -> None:
     """Write a markdown report with plots: balance, SRP/SCH, caches, domains, EP, scheduling."""
+    console = Console()
     from routelab.systems.report import AnalysisOptions, analyze_trace
 
     try:
@@ -153,6 +153,7 @@ def simulate_cache_command(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Replay a trace against expert caches: hit rate, bytes moved and latency per policy and size."""
+    console = Console()
     from routelab.systems.cache import BandwidthModel, simulate_cache
 
     try:
@@ -196,6 +197,7 @@ def simulate_ep_command(
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
 ) -> None:
     """Per-device load, all-to-all bytes and step time of standard EP vs LLEP."""
+    console = Console()
     from routelab.systems.ep import EPCostModel, LLEPConfig, simulate_ep
 
     try:
@@ -231,6 +233,7 @@ def simulate_schedule_command(
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
 ) -> None:
     """ExpertFlow-style regrouping of queued work into batches that activate fewer experts."""
+    console = Console()
     from routelab.systems.scheduling import schedule_trace
 
     try:

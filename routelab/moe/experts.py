@@ -22,9 +22,16 @@ IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_available(dtype: torch.dtype) -> bool:
-    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype``."""
-    return hasattr(F, "grouped_mm") and dtype in _GROUPED_MM_DTYPES
+def grouped_mm_available(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype`` on the device.
+
+    On CPU it runs in fp32/bf16/fp16; CUDA kernels exist for bf16 only (Hopper and newer).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+    return device_type == "cpu" and dtype in _GROUPED_MM_DTYPES
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -76,18 +83,25 @@ class BatchedExperts(nn.Module):
             return F.silu(gate_NH) * up_NH
         return F.gelu(h_NH)
 
+    def grouped_mm_supported(self, dtype: torch.dtype) -> bool:
+        """Grouped GEMM needs a supported dtype/device and 16-byte-aligned row strides."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        aligned = (self.d_model * itemsize) % 16 == 0 and (self.d_hidden * itemsize) % 16 == 0
+        return grouped_mm_available(dtype, self.w_in_EDH.device.type) and aligned
+
     def use_grouped_mm(self, dtype: torch.dtype) -> bool:
         if self.implementation == "loop":
             return False
-        if self.implementation == "grouped_mm":
-            if not grouped_mm_available(dtype):
-                from routelab.core.errors import ConfigError
+        supported = self.grouped_mm_supported(dtype)
+        if self.implementation == "grouped_mm" and not supported:
+            from routelab.core.errors import ConfigError
 
-                raise ConfigError(
-                    f"dispatch='grouped_mm' is not available for {dtype} in this torch build; use dispatch='auto'."
-                )
-            return True
-        return grouped_mm_available(dtype)
+            raise ConfigError(
+                f"dispatch='grouped_mm' cannot run {dtype} with d_model={self.d_model}, d_hidden={self.d_hidden} "
+                "in this torch build (it needs float32/bfloat16/float16 and widths whose rows are multiples of "
+                "16 bytes); use dispatch='auto' to fall back to the per-expert loop."
+            )
+        return supported
 
     def expert_forward(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on a block of rows (the slow path, and the reference's building block)."""

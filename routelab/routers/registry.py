@@ -77,8 +77,10 @@ class PresetInfo:
         default_top_k: used when ``top_k`` is not given.
         common_defaults: this preset's defaults for ``CommonOptions`` fields.
         exemptions: router-agnostic properties that do not hold for this preset, each
-            with the reason (keys: ``token_permutation``, ``padding_invariance``,
-            ``capacity_factor``, ``weights_sum_to_one``).
+            with the reason (keys: ``token_permutation`` — permuting positions within
+            sequences and the order of sequences permutes the routing;
+            ``padding_invariance`` — padding never changes real tokens' routing;
+            ``capacity_factor`` — the preset honours a token-dropping capacity).
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
     """
