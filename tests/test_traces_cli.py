@@ -167,7 +167,8 @@ def test_analyze_writes_report_plots_and_json(tmp_path, skewed_trace):
     for section in ("## Load balance", "## Local routing consistency", "## Expert offloading",
                     "## Domain specialisation", "## Expert parallelism", "## Batch scheduling", "## Serving summary"):
         assert section in report
-    plots = ("load_heatmap.png", "sch_curves.png", "cache_hit_rate.png", "domain_divergence.png", "ep_device_load.png")
+    plots = ("load_heatmap.png", "srp.png", "sch_curves.png", "cache_hit_rate.png", "domain_divergence.png",
+             "ep_device_load.png")
     for plot in plots:
         assert (out / plot).stat().st_size > 1000 and plot in report
     data = json.loads((out / "analysis.json").read_text())

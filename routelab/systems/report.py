@@ -136,8 +136,21 @@ def analyze_trace(
     for r in srp_model:
         per_layer = [x.srp for x in srp_layer if x.window == r.window]
         srp_rows.append((r.window, r.srp, r.theta, r.act_r, r.best_m, min(per_layer), max(per_layer)))
-    md += [_table(["W", "SRP (model)", "θ", "act_r", "best_m", "min layer", "max layer"], srp_rows) if srp_rows
-           else "No sequence is long enough for the SRP windows.", ""]
+    if srp_rows:
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.add_subplot()
+        ax.plot([r[0] for r in srp_rows], [r[1] for r in srp_rows], marker="o", label="model level")
+        ax.fill_between([r[0] for r in srp_rows], [r[5] for r in srp_rows], [r[6] for r in srp_rows], alpha=0.25,
+                        label="layer range")
+        ax.set(xlabel="window W (tokens)", ylabel="SRP (best F1)", title="segment routing best performance",
+               ylim=(0, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.legend(fontsize=8)
+        md += [f"![SRP]({_save(fig, out / 'srp.png')})", "",
+               _table(["W", "SRP (model)", "θ", "act_r", "best_m", "min layer", "max layer"], srp_rows), ""]
+    else:
+        md += ["No sequence is long enough for the SRP windows.", ""]
 
     step("SCH")
     curves = segment_cache_hit_rates(trace, future_lens=windows, level="layer", sequence_stride=options.sequence_stride)
