@@ -9,6 +9,7 @@ import typer
 
 COMMAND_MODULES = (
     "routelab.commands.routers",
+    "routelab.commands.diagnostics",
     "routelab.commands.hf",
 )
 

@@ -65,11 +65,16 @@ def test_trace_hf_loads_with_from_pretrained_and_traces_every_domain(checkpoint,
 
 
 def test_trace_hf_resumes_after_an_interruption(checkpoint, tmp_path, monkeypatch):
-    args = ["trace-hf", str(checkpoint / "model"), "--corpus", str(checkpoint), "--seq-len", "16",
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in TEXT.items():
+        (corpus / f"{name}.txt").write_text(text)
+    args = ["trace", "--hf", str(checkpoint / "model"), "--corpus", str(corpus), "--seq-len", "16",
             "--batch-size", "2"]
     full = tmp_path / "full.trace"
     assert CliRunner().invoke(app, [*args, "--out", str(full)]).exit_code == 0
 
+    assert Trace.open(full).metadata["architecture"] == "olmoe"
     calls = {"n": 0}
     route = HFRoutingSource.route
 
@@ -107,8 +112,17 @@ def _with_commit_every(run, every):
     return wrapped
 
 
-def test_trace_hf_errors_name_the_fix(tmp_path):
-    result = CliRunner().invoke(app, ["trace-hf", str(tmp_path / "nope"), "--corpus", str(tmp_path), "--out",
-                                      str(tmp_path / "x.trace")])
-    assert result.exit_code == 2
-    assert "tokenizer" in result.output or "local" in result.output
+def test_trace_hf_errors_name_the_fix(checkpoint, tmp_path):
+    import transformers as tf
+
+    (tmp_path / "a.txt").write_text("some text")
+    base = ["--corpus", str(tmp_path / "a.txt"), "--out", str(tmp_path / "x.trace")]
+    missing = CliRunner().invoke(app, ["trace-hf", str(tmp_path / "nope"), *base])
+    assert missing.exit_code == 2 and "Save the tokenizer" in missing.output
+    dense = tmp_path / "dense"
+    config = tf.LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    tf.LlamaForCausalLM(config).save_pretrained(dense)
+    tf.AutoTokenizer.from_pretrained(checkpoint / "model").save_pretrained(dense)
+    result = CliRunner().invoke(app, ["trace", "--hf", str(dense), *base])
+    assert result.exit_code == 2 and "not a supported MoE architecture" in result.output

@@ -318,3 +318,13 @@ def test_coactivation_and_transitions():
         dense0[t, l0[t][l0[t] >= 0]] = 1
         dense1[t, l1[t][l1[t] >= 0]] = 1
     np.testing.assert_array_equal(layer_transition_counts(l0, l1, 3), dense0.T @ dense1)
+
+
+def test_cache_unit_is_mean_active_experts_for_variable_k():
+    from routelab.metrics.locality import active_experts
+
+    idx = np.array([[0, 1, -1, -1], [2, -1, -1, -1], [0, 1, 2, 3]] * 4)  # 7/3 experts per token
+    trace = InMemoryTrace.from_arrays([idx, idx], 4)
+    assert trace.k_max == 4 and active_experts(trace) == 2
+    curves = segment_cache_hit_rates(trace, future_lens=[2], baselines=[], sequence_stride=1)
+    assert curves[0].capacity_unit == 2 and curves[0].cache_multiple[3] == 2.0

@@ -7,12 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_moe import ToyMoELM
+from tests.toy_moe import ToyMoELM, single_thread
 
 import routelab
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.context import TokenBatch
 from routelab.traces import Trace, TraceRecorder, TraceWriter, sequence_offsets
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 def random_rows(rng: np.random.Generator, n: int, k: int, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +43,8 @@ def write_random_trace(path, rng, *, num_layers=3, num_experts=7, calls=((5, 2),
             for layer in range(num_layers):
                 idx, weight = random_rows(rng, n, k, num_experts)
                 expected[layer].append((idx, weight))
-                w.add(layer, torch.from_numpy(idx) if layer == 0 else idx, weight, token_ids, seq_ids, positions, domains)
+                given = torch.from_numpy(idx) if layer == 0 else idx
+                w.add(layer, given, weight, token_ids, seq_ids, positions, domains)
             tokens.append((token_ids, seq_ids, positions, domains))
     k_max = max(k for _, k in calls)
     padded = {}
@@ -84,7 +90,8 @@ def test_select_by_layer_domain_and_sequence(tmp_path):
     assert prose.layers == (2, 0) and prose.num_tokens == 11
     rows = np.r_[0:5, 8:14]
     np.testing.assert_array_equal(prose.layer(0).topk_idx, expected[0][0][rows])
-    np.testing.assert_array_equal(np.concatenate([c.topk_idx_LTK[0] for c in prose.iter_chunks()]), expected[2][0][rows])
+    chunked = np.concatenate([c.topk_idx_LTK[0] for c in prose.iter_chunks()])
+    np.testing.assert_array_equal(chunked, expected[2][0][rows])
     np.testing.assert_array_equal(prose.sequence_offsets(), [0, 5, 11])
     code = prose.select(sequences=[1])
     assert code.num_tokens == 0

@@ -30,3 +30,11 @@ class ToyMoELM(nn.Module):
         for block in self.blocks:
             x = x + block(x, context=context).y
         return x @ self.embed.weight.T
+
+
+def single_thread():
+    """Generator for an autouse fixture: run torch single-threaded (tiny models are far faster on a loaded machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

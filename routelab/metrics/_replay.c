@@ -16,7 +16,8 @@
  *   item, i.e. for which cache sizes no load was needed.
  *
  * rl_srp_hist: histogram over (window, item) of the number of steps in a sliding window of
- *   `window` steps that access the item (moe-lrc src/30_srp_calc.py), windows inside segments.
+ *   `window` steps that access the item (moe-lrc src/30_srp_calc.py), windows inside segments;
+ *   summed over segments, or one histogram per segment when per_segment is set.
  *
  * rl_lru_prefetch: an LRU cache of one size that, before each step's demand accesses,
  *   inserts a predicted (prefetched) item list; counts demand hits/loads and prefetch
@@ -156,13 +157,14 @@ int rl_stack_replay(const int32_t *ids, int64_t n_steps, int32_t k, int32_t n_it
 }
 
 int rl_srp_hist(const int32_t *ids, int64_t n_steps, int32_t k, int32_t n_items, const int64_t *seg_off,
-                int64_t n_segs, int64_t window, int64_t *hist) {
+                int64_t n_segs, int64_t window, int32_t per_segment, int64_t *hist_out) {
     (void)n_steps;
     int64_t *cnt = malloc(sizeof(int64_t) * (size_t)n_items);
     int64_t *since = malloc(sizeof(int64_t) * (size_t)n_items);
     if (!cnt || !since) { free(cnt); free(since); return -1; }
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t t0 = seg_off[g], n = seg_off[g + 1] - t0;
+        int64_t *hist = hist_out + (per_segment ? g * (window + 1) : 0);
         if (n < window) continue;
         const int64_t n_windows = n - window + 1;
         for (int32_t e = 0; e < n_items; e++) { cnt[e] = 0; since[e] = 0; }

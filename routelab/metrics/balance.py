@@ -78,7 +78,9 @@ class BalanceReport:
     per_layer: dict[str, np.ndarray]
     per_batch: dict[str, np.ndarray] | None
 
-    def percentiles(self, qs: Sequence[float] = (0, 50, 90, 100), *, local: bool = False) -> dict[str, dict[str, float]]:
+    def percentiles(
+        self, qs: Sequence[float] = (0, 50, 90, 100), *, local: bool = False
+    ) -> dict[str, dict[str, float]]:
         """``{metric: {"p50": ..., ...}}`` across layers (``local``: of the per-batch means)."""
         source = self.per_batch if local else self.per_layer
         if source is None:

@@ -29,16 +29,52 @@ reports loads and bytes for serving.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.metrics.replay import POLICIES, stack_replay, window_count_histogram
+from routelab.metrics.replay import POLICIES, AccessTrace, access_trace, stack_replay, window_count_histogram
 
 SEG_LENGTHS = (4, 16, 64, 256)
 LEVELS = ("model", "layer", "expert")
+
+
+
+def map_layers(trace, fn: Callable[[int, np.ndarray], Any], workers: int | None = None) -> list[Any]:  # noqa: ANN001
+    """``[fn(layer, topk_idx) for layer in trace.layers]``, computed on ``workers`` threads.
+
+    Layers are read in the calling thread (trace files are not shared between threads); the
+    compiled kernels release the GIL, so layers replay in parallel.
+    """
+    layers = tuple(trace.layers)
+    workers = min(workers or os.cpu_count() or 1, len(layers)) if layers else 1
+    if workers <= 1:
+        return [fn(layer, trace.topk_idx(layer)) for layer in layers]
+    results: list[Any] = [None] * len(layers)
+    pending: list[tuple[int, Future]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, layer in enumerate(layers):
+            if len(pending) >= workers:
+                j, future = pending.pop(0)
+                results[j] = future.result()
+            pending.append((i, pool.submit(fn, layer, trace.topk_idx(layer))))
+        for j, future in pending:
+            results[j] = future.result()
+    return results
+
+
+
+def active_experts(trace) -> int:  # noqa: ANN001 - TraceLike
+    """Experts per token, rounded (at least 1): the mean number of filled slots over tokens
+    and layers. Equals ``k`` for top-k routers; for expert choice, dynamic-k or dropping
+    routers it is the average the cache sizes are measured in (moe-lrc's ``cache_m`` unit)."""
+    filled = [float((trace.topk_idx(layer) >= 0).sum(axis=1).mean()) for layer in trace.layers if trace.num_tokens]
+    return max(int(round(float(np.mean(filled)))) if filled else 1, 1)
 
 
 # ----------------------------------------------------------------------------- SRP
@@ -75,15 +111,15 @@ def srp_from_histogram(hist: np.ndarray, window: int) -> tuple[float, int, np.nd
 
 
 def srp_histograms(
-    ids_NK: np.ndarray, num_experts: int, window: int, seq_offsets: np.ndarray, *, per_sequence: bool = False
+    ids_NK: np.ndarray | AccessTrace,
+    num_experts: int,
+    window: int,
+    seq_offsets: np.ndarray,
+    *,
+    per_sequence: bool = False,
 ) -> np.ndarray:
     """Window-count histograms: ``[W+1]`` summed, or ``[S, W+1]`` per sequence."""
-    if not per_sequence:
-        return window_count_histogram(ids_NK, num_experts, window, seg_offsets=seq_offsets)
-    return np.stack([
-        window_count_histogram(ids_NK[seq_offsets[s] : seq_offsets[s + 1]], num_experts, window)
-        for s in range(len(seq_offsets) - 1)
-    ]) if len(seq_offsets) > 1 else np.zeros((0, window + 1), np.int64)
+    return window_count_histogram(ids_NK, num_experts, window, seg_offsets=seq_offsets, per_segment=per_sequence)
 
 
 def _bootstrap_weights(num_sequences: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,6 +153,7 @@ def segment_routing_performance(
     bootstrap: int = 0,
     confidence: float = 0.95,
     seed: int = 0,
+    workers: int | None = None,
 ) -> list[SRPResult]:
     """SRP of ``trace`` for each window length.
 
@@ -125,6 +162,9 @@ def segment_routing_performance(
             ``expert`` (one θ per layer and expert).
         bootstrap: resamples for the confidence interval (moe-lrc: 1000); 0 = none. Not
             available at the expert level.
+        workers: threads replaying layers in parallel (default: one per CPU).
+
+    Returns results ordered by window, then layer (then expert).
     """
     if level not in LEVELS:
         raise ConfigError(f"level={level!r} must be one of {LEVELS}.")
@@ -132,27 +172,39 @@ def segment_routing_performance(
         raise ConfigError("bootstrap intervals are computed at the model and layer levels only.")
     windows = _check_windows(windows)
     offsets = trace.sequence_offsets()
-    rng = np.random.default_rng(seed)
-    results: list[SRPResult] = []
     num_sequences = len(offsets) - 1
-    weights = _bootstrap_weights(num_sequences, bootstrap, rng) if bootstrap and num_sequences else None
+    weights = (_bootstrap_weights(num_sequences, bootstrap, np.random.default_rng(seed))
+               if bootstrap and num_sequences else None)
+    num_experts = trace.num_experts
+
+    def layer_histograms(layer: int, ids: np.ndarray) -> dict[int, np.ndarray]:
+        if level == "expert":
+            out = {}
+            for expert in range(num_experts):
+                only = access_trace(np.where((ids == expert).any(axis=1), 0, -1)[:, None], 1, offsets)
+                for window in windows:
+                    out[(window, expert)] = window_count_histogram(only, 1, window)
+            return out
+        acc = access_trace(ids, num_experts, offsets)
+        if weights is None:
+            return {window: window_count_histogram(acc, num_experts, window) for window in windows}
+        return {window: srp_histograms(acc, num_experts, window, offsets, per_sequence=True) for window in windows}
+
+    per_layer = dict(zip(trace.layers, map_layers(trace, layer_histograms, workers)))
+    results: list[SRPResult] = []
     for window in windows:
-        model_hist = None
-        for layer in trace.layers:
-            ids = trace.topk_idx(layer)
-            if level == "expert":
-                for expert in range(trace.num_experts):
-                    only = np.where(ids == expert, 0, -1).max(axis=1, keepdims=True) if ids.size else ids[:, :1]
-                    hist = window_count_histogram(only, 1, window, seg_offsets=offsets)
-                    srp, theta, f1, act_r, best_m = srp_from_histogram(hist, window)
+        if level == "expert":
+            for layer in trace.layers:
+                for expert in range(num_experts):
+                    srp, theta, f1, act_r, best_m = srp_from_histogram(per_layer[layer][(window, expert)], window)
                     results.append(SRPResult(window, srp, theta, f1, act_r, best_m, layer, expert))
-                continue
-            hist = srp_histograms(ids, trace.num_experts, window, offsets, per_sequence=weights is not None)
-            model_hist = hist if model_hist is None else model_hist + hist
-            if level == "layer":
-                results.append(_srp_result(hist, window, weights, confidence, layer))
-        if level == "model" and model_hist is not None:
-            results.append(_srp_result(model_hist, window, weights, confidence, None))
+        elif level == "layer":
+            results += [
+                _srp_result(per_layer[layer][window], window, weights, confidence, layer) for layer in trace.layers
+            ]
+        else:
+            pooled = sum(per_layer[layer][window] for layer in trace.layers)
+            results.append(_srp_result(pooled, window, weights, confidence, None))
     return results
 
 
@@ -178,7 +230,8 @@ class CacheCurve:
         layer: the layer, or None for the model-level (pooled) trace.
         hit_rate: ``[I]`` for ``C = 1..I``; ``ci_low``/``ci_high`` bootstrap bounds or None.
         capacity_unit: active experts per token (``k``, or ``k·n_layers`` at the model
-            level); ``cache_multiple = C / capacity_unit`` is moe-lrc's ``cache_m``.
+            level; the rounded mean for variable-k routers, see ``active_experts``);
+            ``cache_multiple = C / capacity_unit`` is moe-lrc's ``cache_m``.
         accesses: accesses replayed.
     """
 
@@ -205,7 +258,7 @@ class CacheCurve:
 
 
 def cache_hit_curve(
-    ids_NK: np.ndarray,
+    ids_NK: np.ndarray | AccessTrace,
     num_items: int,
     policy: str,
     seq_offsets: np.ndarray | None = None,
@@ -232,7 +285,8 @@ def cache_hit_curve(
         samples = (weights @ hits) / np.maximum(weights @ result.accesses, 1)[:, None]
         bounds = np.array([_basic_ci(rate[c], samples[:, c], confidence) for c in range(num_items)])
         ci_low, ci_high = bounds[:, 0], bounds[:, 1]
-    unit = capacity_unit or max(int(np.asarray(ids_NK).shape[1]), 1)
+    slots = ids_NK.ids.shape[1] if isinstance(ids_NK, AccessTrace) else np.asarray(ids_NK).shape[1]
+    unit = capacity_unit or max(int(slots), 1)
     return CacheCurve(policy, future_len if policy == "sch" else None, layer, rate, unit, accesses, ci_low, ci_high)
 
 
@@ -267,6 +321,7 @@ def segment_cache_hit_rates(
     bootstrap: int = 0,
     confidence: float = 0.95,
     seed: int = 0,
+    workers: int | None = None,
 ) -> list[CacheCurve]:
     """SCH curves for each ``L`` in ``future_lens`` and the baseline policies' curves.
 
@@ -274,6 +329,9 @@ def segment_cache_hit_rates(
         level: ``layer`` (one curve per layer) or ``model`` (all layers pooled).
         sequence_stride: replay every ``stride``-th sequence (moe-lrc: 16; 1 = all).
         bootstrap: resamples for confidence intervals (moe-lrc: 1000); 0 = none.
+        workers: threads replaying layers in parallel (default: one per CPU).
+
+    Returns curves ordered by layer, then policy (SCH for each ``L`` first).
     """
     if level not in ("layer", "model"):
         raise ConfigError(f"level={level!r} must be 'layer' or 'model'.")
@@ -284,21 +342,21 @@ def segment_cache_hit_rates(
     sub = strided_sequences(trace, sequence_stride)
     offsets = sub.sequence_offsets()
     runs = [("sch", L) for L in lens] + [(name, None) for name in baselines]
-    curves: list[CacheCurve] = []
     common = dict(bootstrap=bootstrap, confidence=confidence, seed=seed)
     if level == "model":
-        ids = model_level_ids(sub)
         items = sub.num_experts * len(sub.layers)
-        unit = max(sub.k_max, 1) * len(sub.layers)
-        for policy, L in runs:
-            curves.append(cache_hit_curve(ids, items, policy, offsets, future_len=L, capacity_unit=unit, **common))
-        return curves
-    for layer in sub.layers:
-        ids = sub.topk_idx(layer)
-        for policy, L in runs:
-            curves.append(cache_hit_curve(ids, sub.num_experts, policy, offsets, future_len=L,
-                                          capacity_unit=max(sub.k_max, 1), layer=layer, **common))
-    return curves
+        acc = access_trace(model_level_ids(sub), items, offsets)
+        unit = active_experts(sub) * len(sub.layers)
+        return [cache_hit_curve(acc, items, policy, future_len=L, capacity_unit=unit, **common) for policy, L in runs]
+
+    unit = active_experts(sub)
+
+    def layer_curves(layer: int, ids: np.ndarray) -> list[CacheCurve]:
+        acc = access_trace(ids, sub.num_experts, offsets)
+        return [cache_hit_curve(acc, sub.num_experts, policy, future_len=L, capacity_unit=unit,
+                                layer=layer, **common) for policy, L in runs]
+
+    return [curve for curves in map_layers(sub, layer_curves, workers) for curve in curves]
 
 
 def mean_curve(curves: Sequence[CacheCurve]) -> np.ndarray:

@@ -54,7 +54,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64p = ctypes.POINTER(ctypes.c_int64)
     i32, i64 = ctypes.c_int32, ctypes.c_int64
     lib.rl_stack_replay.argtypes = [i32p, i64, i32, i32, i64p, i64, i32, i64, i64p, i64p]
-    lib.rl_srp_hist.argtypes = [i32p, i64, i32, i32, i64p, i64, i64, i64p]
+    lib.rl_srp_hist.argtypes = [i32p, i64, i32, i32, i64p, i64, i64, i32, i64p]
     lib.rl_lru_prefetch.argtypes = [i32p, i32, i32p, i32, i32, i64p, i64, i32, i64p, i32p, i32p]
     for fn in (lib.rl_stack_replay, lib.rl_srp_hist, lib.rl_lru_prefetch):
         fn.restype = ctypes.c_int
@@ -70,10 +70,10 @@ def load_kernels() -> ctypes.CDLL | None:
         warnings.warn("routelab: the C replay kernels are not built on Windows; using the pure-Python kernels.",
                       RuntimeWarning, stacklevel=2)
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = cache_dir() / f"replay-{key}.so"
     try:
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + " ".join(CFLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
+        target = cache_dir() / f"replay-{key}.so"
         if not target.exists():
             _compile(target)
         return _declare(ctypes.CDLL(str(target)))

@@ -61,8 +61,20 @@ def segment_sums(values_N: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return prefix[offsets[1:]] - prefix[offsets[:-1]]
 
 
-def check_access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and normalise an access trace; returns contiguous int32 ids and int64 offsets."""
+@dataclass(frozen=True)
+class AccessTrace:
+    """A validated access trace: contiguous int32 ``ids`` ``[N, K]``, int64 ``offsets``
+    ``[S+1]`` and the number of items. Build it once with ``access_trace`` to replay the
+    same trace under several policies without re-checking it."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    num_items: int
+
+
+def access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarray | None = None) -> AccessTrace:
+    """Validate an access trace: ids in ``[-1, num_items)``, no id twice in a step, offsets
+    rising from 0 to ``N``."""
     ids = np.asarray(ids_NK)
     if ids.ndim != 2:
         raise InputError(f"ids_NK must have shape [steps, slots], got {ids.shape}.")
@@ -80,7 +92,9 @@ def check_access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarr
             dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
             if dup.any():
                 row = int(np.flatnonzero(dup.any(axis=1))[0])
-                raise InputError(f"step {row} accesses the same expert twice ({ids[row].tolist()}); top-k ids must be distinct.")
+                raise InputError(
+                    f"step {row} accesses the same expert twice ({ids[row].tolist()}); top-k ids must be distinct."
+                )
     n = ids.shape[0]
     if seg_offsets is None:
         offsets = np.array([0, n], dtype=np.int64)
@@ -88,11 +102,25 @@ def check_access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarr
         offsets = np.ascontiguousarray(seg_offsets, dtype=np.int64)
         if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
             raise InputError(f"seg_offsets must rise from 0 to the number of steps ({n}); got {offsets[:5]}...")
-    return ids, offsets
+    return AccessTrace(ids, offsets, int(num_items))
+
+
+def check_access_trace(
+    ids_NK: np.ndarray | AccessTrace, num_items: int, seg_offsets: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, offsets)`` of an ``AccessTrace`` (checked to match) or of raw arrays (validated)."""
+    if isinstance(ids_NK, AccessTrace):
+        if ids_NK.num_items != num_items:
+            raise ConfigError(f"the access trace has {ids_NK.num_items} items but num_items={num_items}.")
+        if seg_offsets is not None and not np.array_equal(seg_offsets, ids_NK.offsets):
+            raise ConfigError("seg_offsets differ from the offsets the access trace was built with.")
+        return ids_NK.ids, ids_NK.offsets
+    trace = access_trace(ids_NK, num_items, seg_offsets)
+    return trace.ids, trace.offsets
 
 
 def stack_replay(
-    ids_NK: np.ndarray,
+    ids_NK: np.ndarray | AccessTrace,
     num_items: int,
     policy: str,
     *,
@@ -112,7 +140,8 @@ def stack_replay(
     """
     if policy not in POLICIES:
         raise ConfigError(f"policy={policy!r} must be one of {POLICIES}.")
-    if policy == "sch" and (isinstance(future_len, bool) or not isinstance(future_len, (int, np.integer)) or future_len < 1):
+    bad_len = isinstance(future_len, bool) or not isinstance(future_len, (int, np.integer)) or future_len < 1
+    if policy == "sch" and bad_len:
         raise ConfigError(f"future_len must be an integer >= 1 for SCH, got {future_len!r}.")
     ids, offsets = check_access_trace(ids_NK, num_items, seg_offsets)
     num_segments = len(offsets) - 1
@@ -133,26 +162,35 @@ def stack_replay(
 
 
 def window_count_histogram(
-    ids_NK: np.ndarray, num_items: int, window: int, *, seg_offsets: np.ndarray | None = None, native: bool | None = None
+    ids_NK: np.ndarray | AccessTrace,
+    num_items: int,
+    window: int,
+    *,
+    seg_offsets: np.ndarray | None = None,
+    per_segment: bool = False,
+    native: bool | None = None,
 ) -> np.ndarray:
     """int64 ``[window+1]``: entry ``v`` = number of (window, item) pairs in which the item is
     accessed by exactly ``v`` of the window's steps, over every sliding window of ``window``
-    steps (stride 1) inside a segment (moe-lrc ``src/30_srp_calc.py``)."""
+    steps (stride 1) inside a segment (moe-lrc ``src/30_srp_calc.py``). ``per_segment``
+    gives one histogram per segment, ``[S, window+1]``."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ConfigError(f"window must be an integer >= 1, got {window!r}.")
     ids, offsets = check_access_trace(ids_NK, num_items, seg_offsets)
-    hist = np.zeros(int(window) + 1, dtype=np.int64)
+    num_segments = len(offsets) - 1
+    hist = np.zeros((num_segments if per_segment else 1, int(window) + 1), dtype=np.int64)
     lib = _kernels(native)
     if lib is not None:
         status = lib.rl_srp_hist(
             pointer(ids, ctypes.c_int32), ids.shape[0], ids.shape[1], num_items, pointer(offsets, ctypes.c_int64),
-            len(offsets) - 1, int(window), pointer(hist, ctypes.c_int64),
+            num_segments, int(window), int(per_segment), pointer(hist, ctypes.c_int64),
         )
         if status != 0:
             raise MemoryError("the SRP kernel could not allocate its work arrays.")
     else:
-        _window_hist_numpy(ids, num_items, offsets, int(window), hist)
-    return hist
+        for seg in range(num_segments):
+            _window_hist_numpy(ids, num_items, offsets[seg : seg + 2], int(window), hist[seg if per_segment else 0])
+    return hist if per_segment else hist[0]
 
 
 @dataclass(frozen=True)
@@ -290,15 +328,17 @@ def _stack_replay_py(ids: np.ndarray, num_items: int, offsets: np.ndarray, polic
 
 
 def _window_hist_numpy(ids: np.ndarray, num_items: int, offsets: np.ndarray, window: int, hist: np.ndarray) -> None:
-    """Vectorised SRP histogram: per segment, window counts from prefix sums of a one-hot map."""
+    """Vectorised SRP histogram (added to ``hist``): window counts from prefix sums of a one-hot map."""
     for seg in range(len(offsets) - 1):
         t0, t1 = int(offsets[seg]), int(offsets[seg + 1])
         if t1 - t0 < window:
             continue
         rows = ids[t0:t1]
         onehot = np.zeros((t1 - t0, num_items + 1), dtype=np.int32)
-        np.add.at(onehot, (np.repeat(np.arange(t1 - t0), rows.shape[1]), np.where(rows >= 0, rows, num_items).ravel()), 1)
-        prefix = np.concatenate([np.zeros((1, num_items), np.int32), np.cumsum(onehot[:, :num_items], axis=0, dtype=np.int32)])
+        token = np.repeat(np.arange(t1 - t0), rows.shape[1])
+        np.add.at(onehot, (token, np.where(rows >= 0, rows, num_items).ravel()), 1)
+        cumulative = np.cumsum(onehot[:, :num_items], axis=0, dtype=np.int32)
+        prefix = np.concatenate([np.zeros((1, num_items), np.int32), cumulative])
         counts = prefix[window:] - prefix[:-window]
         hist += np.bincount(counts.ravel(), minlength=window + 1)[: window + 1]
 

@@ -87,7 +87,12 @@ def chunk_level_sparsity(
     return 1.0 - float(active[counted].sum()) / (int(counted.sum()) * num_experts)
 
 
-def sparsity_by_layer(trace, windows: Sequence[int] = (1, 8, 64), *, sliding: bool = False) -> dict[int, dict[str, float]]:  # noqa: ANN001
+def sparsity_by_layer(
+    trace,  # noqa: ANN001 - TraceLike
+    windows: Sequence[int] = (1, 8, 64),
+    *,
+    sliding: bool = False,
+) -> dict[int, dict[str, float]]:
     """``{layer: {"tls": ..., "cls_8": ..., ...}}`` for every layer of a trace."""
     offsets = trace.sequence_offsets()
     out = {}

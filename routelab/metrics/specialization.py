@@ -92,7 +92,13 @@ def domain_distributions(trace, layer: int, *, weighting: str = "count") -> np.n
     return np.divide(dist, totals, out=np.zeros_like(dist), where=totals > 0)
 
 
-def domain_divergence(trace, layer: int, *, normalize: str = "none", weighting: str = "count") -> np.ndarray:  # noqa: ANN001
+def domain_divergence(
+    trace,  # noqa: ANN001 - TraceLike
+    layer: int,
+    *,
+    normalize: str = "none",
+    weighting: str = "count",
+) -> np.ndarray:
     """``[D, D]`` pairwise JSD between the domains' routing distributions (NaN for a domain
     without tokens)."""
     dist = domain_distributions(trace, layer, weighting=weighting)

@@ -94,7 +94,9 @@ class InMemoryTrace:
             if idx.ndim == 1:
                 idx = idx[:, None]
             if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-                raise InputError(f"topk_idx of layer {layer} must be an integer [T, K] array, got {idx.dtype} {idx.shape}.")
+                raise InputError(
+                    f"topk_idx of layer {layer} must be an integer [T, K] array, got {idx.dtype} {idx.shape}."
+                )
             if num_tokens is None:
                 num_tokens = idx.shape[0]
             elif idx.shape[0] != num_tokens:
@@ -103,7 +105,9 @@ class InMemoryTrace:
                 raise InputError(f"layer {layer} holds expert ids outside [-1, {num_experts}).")
             arrays[int(layer)] = idx.astype(np.int32)
         k_max = max(a.shape[1] for a in arrays.values())
-        arrays = {layer: np.pad(a, ((0, 0), (0, k_max - a.shape[1])), constant_values=-1) for layer, a in arrays.items()}
+        arrays = {
+            layer: np.pad(a, ((0, 0), (0, k_max - a.shape[1])), constant_values=-1) for layer, a in arrays.items()
+        }
         if topk_weight is None:
             weights = {layer: (a >= 0).astype(np.float32) for layer, a in arrays.items()}
         else:

@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelab.core.errors import ConfigError, InputError, suggest
-from routelab.traces.format import TOKEN_COLUMNS, idx_column, read_header, resolve_trace_dir, shard_schema, weight_column
+from routelab.traces.format import (
+    TOKEN_COLUMNS,
+    idx_column,
+    read_header,
+    resolve_trace_dir,
+    shard_schema,
+    weight_column,
+)
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,9 @@ def _padded(chunks: Sequence[pa.Array], k_max: int, fill: float, dtype: Any, wha
         lengths = chunk.value_lengths().to_numpy(zero_copy_only=False)
         values = chunk.flatten().to_numpy(zero_copy_only=False)
         if n and lengths.max(initial=0) > k_max:
-            raise InputError(f"trace {path}: a row of {what} has {lengths.max()} slots but the header says k_max={k_max}.")
+            raise InputError(
+                f"trace {path}: a row of {what} has {lengths.max()} slots but the header says k_max={k_max}."
+            )
         if k_max and (lengths == k_max).all():
             parts.append(values.astype(dtype, copy=False).reshape(n, k_max))
             continue

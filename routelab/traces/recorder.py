@@ -198,7 +198,9 @@ class TraceRecorder:
                             positions_T, domains_T)
         return batch.num_tokens
 
-    def _routes(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, num_tokens: int) -> Iterator[LayerRoutes]:
+    def _routes(
+        self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None, num_tokens: int
+    ) -> Iterator[LayerRoutes]:
         seen = set()
         for routes in self.source.route(input_ids, padding_mask):
             rows = int(routes.topk_idx_TK.shape[0])

@@ -9,6 +9,7 @@ a caller-defined resume state; ``TraceWriter.resume(path)`` continues from the l
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.validation import check_positive_int
@@ -39,16 +41,11 @@ from routelab.traces.format import (
 
 def to_numpy(value: Any, name: str) -> np.ndarray:
     """A torch tensor or array-like as a numpy array (bf16/fp16 tensors become float32)."""
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
-                value = value.float()
-            return value.cpu().numpy()
-    except ImportError:  # torch is a dependency; this only guards odd environments
-        pass
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            value = value.float()
+        return value.cpu().numpy()
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as err:
@@ -174,8 +171,6 @@ class TraceWriter:
             "resume_state": None,
         }
         try:
-            import json
-
             json.dumps(header)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"metadata must be JSON-serialisable (str, numbers, lists, dicts): {err}.") from err
@@ -306,11 +301,14 @@ class TraceWriter:
 
     def _token_rows(self, num_tokens: int, token_ids: Any, seq_ids: Any, positions: Any, domains: Any) -> np.ndarray:
         out = np.empty((num_tokens, 4), dtype=np.int64)
-        for col, (name, value) in enumerate((("token_ids_T", token_ids), ("seq_ids_T", seq_ids), ("positions_T", positions))):
+        columns = (("token_ids_T", token_ids), ("seq_ids_T", seq_ids), ("positions_T", positions))
+        for col, (name, value) in enumerate(columns):
             array = to_numpy(value, name).reshape(-1) if value is not None else None
             if array is None or array.shape != (num_tokens,):
                 shape = None if array is None else array.shape
-                raise InputError(f"{name} must have shape [{num_tokens}] (one entry per row of topk_idx_TK), got {shape}.")
+                raise InputError(
+                    f"{name} must have shape [{num_tokens}] (one entry per row of topk_idx_TK), got {shape}."
+                )
             if num_tokens and not np.issubdtype(array.dtype, np.integer):
                 raise InputError(f"{name} must hold integers, got dtype {array.dtype}.")
             out[:, col] = array
@@ -390,7 +388,7 @@ class TraceWriter:
         }
         id_type = self._schema.field(idx_column(0)).type
         for layer in range(self.num_layers):
-            blocks = _take_blocks(self._layer_queues[layer], n)
+            blocks: list[_LayerBlock] = self._layer_queues[layer].take(n)  # type: ignore[assignment]
             columns[idx_column(layer)] = _list_array([b.idx for b in blocks], id_type)
             columns[weight_column(layer)] = _list_array([b.weight for b in blocks], pa.list_(pa.float32()))
         table = pa.table(columns, schema=self._schema)
@@ -508,10 +506,6 @@ class _LayerBlock:
 
     def __getitem__(self, rows: slice) -> _LayerBlock:
         return _LayerBlock(self.idx[rows], self.weight[rows])
-
-
-def _take_blocks(queue: _RowQueue, n: int) -> list[_LayerBlock]:
-    return queue.take(n)  # type: ignore[return-value]
 
 
 def _list_array(blocks: Sequence[np.ndarray], list_or_value_type: pa.DataType) -> pa.Array:
