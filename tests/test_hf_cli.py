@@ -48,6 +48,9 @@ def test_trace_hf_loads_with_from_pretrained_and_traces_every_domain(checkpoint,
     ])
     assert result.exit_code == 0, result.output
     assert "MaxVio" in result.output
+    analysis = CliRunner().invoke(app, ["analyze", str(out), "--out", str(tmp_path / "report")])
+    assert analysis.exit_code == 0, analysis.output  # `routelab analyze` reads it unchanged
+    assert (tmp_path / "report" / "report.md").exists()
     trace = Trace.open(out)
     assert trace.complete and trace.domain_names == ["drama", "code"]
     assert trace.metadata["architecture"] == "olmoe"
