@@ -108,7 +108,6 @@ class RoutingHandle:
         self._in_forward = False
         self._router_hooks: dict[int, RemovableHandle] = {}
         self._copied_hooks: dict[int, set[int]] = {}
-        self._replacement_inits: dict[int, PretrainedInit | None] = {}
         self._auto_native: set[int] = set()  # layers given the native router by ensure_routelab
         self._load = LoadCounter(len(self._layers), self.num_experts) if track_load else None
         if self._load is not None:
@@ -277,7 +276,6 @@ class RoutingHandle:
                     preset, self.architecture, layer.original, init_from_pretrained=init_from_pretrained, **options
                 )
             self._install(layer, router)
-            self._replacement_inits[model_layer] = init
             self._auto_native.discard(model_layer)
             result[model_layer] = init
         return result
@@ -313,11 +311,10 @@ class RoutingHandle:
             current = getattr(layer.block, self.architecture.router_attr)
             if current is layer.original:
                 continue
-            self._unhook(layer, current)
+            self._unhook(layer)
             self._copy_new_foreign_hooks(current, layer.original, self._copied_hooks.pop(layer.index, set()))
             setattr(layer.block, self.architecture.router_attr, layer.original)
             self._hook_router(layer, layer.original)
-            self._replacement_inits.pop(model_layer, None)
             self._auto_native.discard(model_layer)
 
     def aux_loss(self) -> torch.Tensor:
@@ -335,12 +332,12 @@ class RoutingHandle:
         if current is not layer.original:
             self.restore_router(layer.model_layer)
         replacement = make_replacement(layer.original, router, self.architecture, self._state)
-        self._unhook(layer, layer.original)
+        self._unhook(layer)
         self._copied_hooks[layer.index] = self._copy_foreign_hooks(layer.original, replacement)
         setattr(layer.block, self.architecture.router_attr, replacement)
         self._hook_router(layer, replacement)
 
-    def _unhook(self, layer: MoELayer, module: nn.Module) -> None:
+    def _unhook(self, layer: MoELayer) -> None:
         handle = self._router_hooks.pop(layer.index, None)
         if handle is not None:
             handle.remove()
@@ -392,7 +389,7 @@ class RoutingHandle:
             return
         self.restore_router()
         for layer in self._layers:
-            self._unhook(layer, layer.original)
+            self._unhook(layer)
         for hook in self._model_hooks:
             hook.remove()
         self._model_hooks = []
