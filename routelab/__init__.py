@@ -27,3 +27,12 @@ __all__ = [
     "list_routers",
     "preset_info",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy submodules: ``routelab.hf`` (transformers integration) loads on first use."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("routelab.hf")
+    raise AttributeError(f"module 'routelab' has no attribute {name!r}")
