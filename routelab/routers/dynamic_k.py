@@ -8,7 +8,7 @@
   Gates are the raw ``p``, not renormalised.
 * ``PercentileSelector`` — DynaMoE (Gülmez 2026, arXiv 2603.01697), "percentile-thresholded
   gating": expert e is active for token t when ``p_te >= tau``, ``tau`` the ``q``-quantile
-  of the probabilities of the whole batch (``scope='batch'``, the reading of the spec) or
+  (linear interpolation, as ``torch.quantile``) of the probabilities of the whole batch (``scope='batch'``, the reading of the spec) or
   of each token (``scope='token'``) [recon]; the count is clamped to ``[1, K_l]``
   keeping the most probable experts.
 * ``EntropyLoss`` — the dynamic loss of An et al.: ``mean_t -sum_e p_te log p_te``; it
@@ -87,6 +87,22 @@ class TopPSelector(Selector):
 PERCENTILE_SCOPES = ("batch", "token")
 
 
+def linear_quantile(values_TN: torch.Tensor, q: float) -> torch.Tensor:
+    """Row-wise ``q``-quantile with linear interpolation (``torch.quantile``'s default), ``[T, 1]``.
+
+    Built on ``kthvalue`` so that it has no input-size limit.
+    """
+    n = values_TN.shape[1]
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    low = values_TN.kthvalue(lo + 1, dim=1, keepdim=True).values
+    if hi == lo or pos == lo:
+        return low
+    high = values_TN.kthvalue(hi + 1, dim=1, keepdim=True).values
+    return low + (high - low) * (pos - lo)
+
+
 class PercentileSelector(Selector):
     """DynaMoE percentile-thresholded gating (see module docstring).
 
@@ -112,11 +128,8 @@ class PercentileSelector(Selector):
     def threshold(self, p_TE: torch.Tensor) -> torch.Tensor:
         """``tau``: a scalar (batch scope) or ``[T, 1]`` (token scope)."""
         if self.scope == "batch":
-            flat = p_TE.reshape(-1)
-            rank = min(flat.numel(), max(1, int(self.percentile * flat.numel()) + 1))
-            return flat.kthvalue(rank).values
-        rank = min(p_TE.shape[1], max(1, int(self.percentile * p_TE.shape[1]) + 1))
-        return p_TE.kthvalue(rank, dim=1, keepdim=True).values
+            return linear_quantile(p_TE.reshape(1, -1), self.percentile).reshape(())
+        return linear_quantile(p_TE, self.percentile)
 
     def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:
         assert draft.scores_TE is not None and draft.selection_scores_TE is not None

@@ -71,6 +71,7 @@ def build_similarity_aware(
     paper=_PAPER,
     default_top_k=2,
     common_defaults={"aux_loss_coef": 1e-2},
+    needs_attention=True,
 )
 def build_attention_aware(
     spec: RouterSpec,
