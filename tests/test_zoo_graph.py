@@ -66,6 +66,8 @@ def test_mixed_rows_sum_to_one_and_respect_causality_and_padding() -> None:
     torch.testing.assert_close(s[0].sum(dim=-1), torch.ones(4))
     assert torch.equal(s[0].triu(1), torch.zeros(4, 4)), "causal: no weight on future tokens"
     assert torch.equal(s[1, :, 2:], torch.zeros(4, 2)), "no weight on padding"
+    p_TE = torch.softmax(x @ router.scorer.weight.T, dim=-1)
+    torch.testing.assert_close(routing.scores, mix_probabilities(p_TE, s, tb), atol=1e-6, rtol=1e-5)  # fused == S P
     # the first token of each sequence only sees itself: its routing is plain softmax gating
     p = torch.softmax(x @ router.scorer.weight.T, dim=-1)
     torch.testing.assert_close(routing.scores[[0, 4]], p[[0, 4]])
@@ -77,6 +79,13 @@ def test_attention_rows_are_restricted_to_real_tokens_and_renormalised() -> None
     router = routelab.create_router("attention-aware", d_model=D, num_experts=E)
     a = router.score_fn.attention_matrix(batch_of(1, 3, mask, attention), torch.device("cpu"))
     torch.testing.assert_close(a[0, :2, :2], torch.tensor([[2 / 3, 1 / 3], [0.5, 0.5]]))
+    x = torch.randn(2, D)
+    routing = router(x, batch_of(1, 3, mask, attention))
+    p_TE = torch.softmax(x @ router.scorer.weight.T, dim=-1)
+    torch.testing.assert_close(routing.scores, mix_probabilities(p_TE, a, batch_of(1, 3, mask)))  # fused == A P
+    lost = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])  # token 1 only attends to padding
+    routing = router(x, batch_of(1, 3, mask, lost))
+    torch.testing.assert_close(routing.scores[1], p_TE[1])  # ... so it keeps its own distribution
     causal = routelab.create_router("attention-aware", d_model=D, num_experts=E, attention_causal=True)
     a = causal.score_fn.attention_matrix(batch_of(1, 3, None, attention), torch.device("cpu"))
     torch.testing.assert_close(a[0], torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 1.0]]))

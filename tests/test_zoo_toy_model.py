@@ -97,3 +97,23 @@ def test_recurrent_routers_share_state_across_the_toy_model() -> None:
     (logits.square().mean() + aux).backward()
     # weight_hh only multiplies h_prev, which is 0 at the first layer: a gradient proves the state flowed.
     assert cell.weight_hh.grad is not None and float(cell.weight_hh.grad.abs().sum()) > 0
+
+
+ZOO = ("top-p", "dynamoe", "rmoe", "similarity-aware", "attention-aware", "erc", "rexmoe", "condenser", "moe-x",
+       "dynmole", "magnet", "promoe", "soft-moe")
+
+
+def test_zoo_presets_are_listed_with_their_papers() -> None:
+    from typer.testing import CliRunner
+
+    from routelab.cli import app
+
+    listed = {row["name"]: row for row in routelab.list_routers()}
+    assert set(ZOO) <= set(listed)
+    for name in ZOO:
+        assert "arXiv" in listed[name]["paper"] or "2025" in listed[name]["paper"], name
+        assert preset(name).builder.__doc__
+    result = CliRunner().invoke(app, ["list"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for name in ZOO:
+        assert name in result.output

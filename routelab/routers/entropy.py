@@ -179,7 +179,8 @@ class MagnetLoss(RouterLoss, StatefulPart):
 
     The returned value already carries the active stage's weight (``lambda_1`` or the
     ramped ``lambda_2``), since which term is active is the state; its router coefficient
-    is 1. ``Routing.stats`` gets ``magnet_stage`` and ``routing_entropy_ema``.
+    is 1. ``Routing.stats`` gets ``magnet_stage`` and, after the first update,
+    ``routing_entropy_ema``.
 
     Args:
         coverage_weight: ``lambda_1`` of stage 1.
@@ -214,7 +215,8 @@ class MagnetLoss(RouterLoss, StatefulPart):
         self.patience = check_positive_int("patience", patience, minimum=0)
         self.min_delta = check_non_negative("min_delta", min_delta)
         self.register_buffer("stage", torch.ones((), dtype=torch.long))
-        self.register_buffer("entropy_ema", torch.full((), float("nan")))
+        self.register_buffer("entropy_ema", torch.zeros(()))
+        self.register_buffer("has_ema", torch.zeros((), dtype=torch.bool))
         self.register_buffer("best_ema", torch.full((), float("inf")))
         self.register_buffer("steps_without_improvement", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_in_stage2", torch.zeros((), dtype=torch.long))
@@ -234,7 +236,8 @@ class MagnetLoss(RouterLoss, StatefulPart):
                 self.pending_sum += token_entropy.detach()
                 self.pending_count += 1
         draft.extra_stats["magnet_stage"] = self.stage.detach().float()
-        draft.extra_stats["routing_entropy_ema"] = self.entropy_ema.detach().clone()
+        if bool(self.has_ema):
+            draft.extra_stats["routing_entropy_ema"] = self.entropy_ema.detach().clone()
         if int(self.stage) == 1:
             marginal_entropy = shannon_normalized(p_TE.mean(dim=0, keepdim=True)).squeeze(0)
             return -self.coverage_weight * marginal_entropy
@@ -249,8 +252,9 @@ class MagnetLoss(RouterLoss, StatefulPart):
     def end_of_step(self) -> None:
         if float(self.pending_count) > 0:
             mean = self.pending_sum / self.pending_count
-            if torch.isnan(self.entropy_ema):
+            if not bool(self.has_ema):
                 self.entropy_ema.copy_(mean)
+                self.has_ema.fill_(True)
             else:
                 self.entropy_ema.mul_(self.ema_decay).add_((1.0 - self.ema_decay) * mean)
             self.pending_sum.zero_()
@@ -261,7 +265,7 @@ class MagnetLoss(RouterLoss, StatefulPart):
             else:
                 self.steps_without_improvement += 1
         if int(self.stage) == 1:
-            crossed = not torch.isnan(self.entropy_ema) and float(self.entropy_ema) < self.trigger
+            crossed = bool(self.has_ema) and float(self.entropy_ema) < self.trigger
             stalled = self.patience > 0 and int(self.steps_without_improvement) >= self.patience
             if crossed or stalled:
                 self.stage.fill_(2)

@@ -45,13 +45,11 @@ def expected_active_fraction(x_TD: torch.Tensor, w_enc_EDH: torch.Tensor, stats:
     """``rho_TE``: the estimated fraction of each expert's hidden units with ``h > 0``."""
     check_choice("moex_stats", stats, STAT_MODES)
     if stats == "per-expert":
-        mu_E = w_enc_EDH.mean(dim=(1, 2))
-        sigma_E = w_enc_EDH.std(dim=(1, 2), unbiased=False)
+        var_E, mu_E = torch.var_mean(w_enc_EDH, dim=(1, 2), unbiased=False)
         mean_TE = x_TD.sum(dim=-1, keepdim=True) * mu_E.unsqueeze(0)
-        std_TE = x_TD.norm(dim=-1, keepdim=True) * sigma_E.unsqueeze(0)
+        std_TE = x_TD.norm(dim=-1, keepdim=True) * var_E.sqrt().unsqueeze(0)
     else:
-        mu_ED = w_enc_EDH.mean(dim=2)
-        var_ED = w_enc_EDH.var(dim=2, unbiased=False)
+        var_ED, mu_ED = torch.var_mean(w_enc_EDH, dim=2, unbiased=False)
         mean_TE = x_TD @ mu_ED.transpose(0, 1)
         std_TE = (x_TD.square() @ var_ED.transpose(0, 1)).clamp_min(0).sqrt()
     return normal_cdf(mean_TE / std_TE.clamp_min(eps))

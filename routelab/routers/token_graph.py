@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from routelab.core.context import TokenBatch
@@ -96,18 +97,38 @@ class TokenGraphSoftmax(ScoreFunction):
     def extra_repr(self) -> str:
         return f"source={self.source!r}, causal={self.causal}, temperature={self.temperature}"
 
+    def similarity_scale(self) -> float:
+        return 1.0 / (self.temperature * math.sqrt(self.similarity_dim))
+
     def similarity_matrix(self, x_TD: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """``[B, S, S]`` row-stochastic similarity over each sequence's allowed pairs."""
+        """``[B, S, S]`` row-stochastic similarity over each sequence's allowed pairs (for
+        inspection; ``forward`` computes ``S P`` without materialising ``S``)."""
         assert self.proj is not None
         u_BSF = to_padded(self.proj(x_TD), batch)
-        scale = 1.0 / (self.temperature * math.sqrt(self.similarity_dim))
-        scores_BSS = torch.bmm(u_BSF, u_BSF.transpose(1, 2)) * scale
+        scores_BSS = torch.bmm(u_BSF, u_BSF.transpose(1, 2)) * self.similarity_scale()
         allowed_BSS = allowed_pairs(batch, x_TD.device, self.causal)
         scores_BSS = scores_BSS.masked_fill(~allowed_BSS, float("-inf"))
         s_BSS = torch.softmax(scores_BSS, dim=-1)
         return torch.nan_to_num(s_BSS, nan=0.0)  # padding rows have no allowed key
 
-    def attention_matrix(self, batch: TokenBatch, device: torch.device) -> torch.Tensor:
+    def mix_by_similarity(self, x_TD: torch.Tensor, p_TE: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """``S P`` as one fused attention call (``q = k = x W_s``, ``v = P``)."""
+        assert self.proj is not None
+        u_B1SF = to_padded(self.proj(x_TD), batch).unsqueeze(1)
+        p_B1SE = to_padded(p_TE, batch).unsqueeze(1)
+        mask, is_causal = None, False
+        if batch.has_padding:
+            eye_SS = torch.eye(batch.seq_len, dtype=torch.bool, device=x_TD.device)
+            mask = (allowed_pairs(batch, x_TD.device, self.causal) | eye_SS).unsqueeze(1)  # padding rows: themselves
+        else:
+            is_causal = self.causal
+        mixed_B1SE = F.scaled_dot_product_attention(
+            u_B1SF, u_B1SF, p_B1SE, attn_mask=mask, is_causal=is_causal, scale=self.similarity_scale()
+        )
+        return mixed_B1SE.squeeze(1).reshape(-1, p_TE.shape[-1]).index_select(0, batch.flat_index_T)
+
+    def checked_attention(self, batch: TokenBatch, device: torch.device) -> torch.Tensor:
+        """The layer's attention matrix as fp32 ``[B, S, S]``, validated (one pass)."""
         attention = batch.context.attention
         expected = (batch.batch_size, batch.seq_len, batch.seq_len)
         if attention is None:
@@ -123,23 +144,36 @@ class TokenGraphSoftmax(ScoreFunction):
         a_BSS = attention.to(device=device, dtype=torch.float32)
         if self.detach_attention:
             a_BSS = a_BSS.detach()
-        if bool((a_BSS < 0).any()) or not bool(torch.isfinite(a_BSS).all()):
+        low, high = torch.aminmax(a_BSS.detach())
+        if not (float(low) >= 0 and math.isfinite(float(high))):  # NaN fails both comparisons
             raise InputError("attention must hold finite non-negative weights (softmax outputs).")
-        a_BSS = a_BSS * allowed_pairs(batch, device, self.causal)
+        if batch.has_padding or self.causal:
+            a_BSS = a_BSS * allowed_pairs(batch, device, self.causal)
+        return a_BSS
+
+    def attention_matrix(self, batch: TokenBatch, device: torch.device) -> torch.Tensor:
+        """``[B, S, S]``: the attention restricted to allowed pairs, rows renormalised (for
+        inspection; ``forward`` folds the renormalisation into one product)."""
+        a_BSS = self.checked_attention(batch, device)
         row_sum = a_BSS.sum(dim=-1, keepdim=True)
         # A real token whose attention has no mass on real tokens keeps its own distribution.
         eye_BSS = torch.eye(batch.seq_len, device=device).expand_as(a_BSS)
         return torch.where(row_sum > 0, a_BSS / row_sum.clamp_min(1e-30), eye_BSS)
 
-    def mixing_matrix(self, x_TD: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        if self.source == "similarity":
-            return self.similarity_matrix(x_TD, batch)
-        return self.attention_matrix(batch, x_TD.device)
+    def mix_by_attention(self, p_TE: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """``A P / (A 1)`` in one batched product (the last column carries the row sums)."""
+        a_BSS = self.checked_attention(batch, p_TE.device)
+        ones_T1 = torch.ones_like(p_TE[:, :1])
+        mixed_TE1 = mix_probabilities(torch.cat([p_TE, ones_T1], dim=1), a_BSS, batch)
+        mass_T1 = mixed_TE1[:, -1:]
+        # A real token whose attention has no mass on real tokens keeps its own distribution.
+        return torch.where(mass_T1 > 0, mixed_TE1[:, :-1] / mass_T1.clamp_min(1e-30), p_TE)
 
     def forward(self, logits_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
         p_TE = torch.softmax(logits_TE, dim=-1)
         draft.extras["token_probs_TE"] = p_TE
         if draft.num_tokens == 0:
             return p_TE
-        s_BSS = self.mixing_matrix(draft.x_TD, draft.batch)
-        return mix_probabilities(p_TE, s_BSS, draft.batch)
+        if self.source == "similarity":
+            return self.mix_by_similarity(draft.x_TD, p_TE, draft.batch)
+        return self.mix_by_attention(p_TE, draft.batch)
