@@ -81,3 +81,15 @@ def test_cli_bench_unknown_shape_is_a_clear_error() -> None:
     result = CliRunner().invoke(app, ["bench", "--shapes", "huge", "--tokens", "64"])
     assert result.exit_code != 0
     assert "Did you mean" in str(result.exception) or "huge" in str(result.exception)
+
+
+def test_docs_preset_table_is_up_to_date() -> None:
+    """docs/routers.md carries the generated table; regenerate with
+    ``python -m routelab.routers.describe docs/routers.md``."""
+    from pathlib import Path
+
+    from routelab.routers.describe import BEGIN_MARK, END_MARK, presets_markdown
+
+    text = (Path(__file__).parents[1] / "docs" / "routers.md").read_text()
+    block = text[text.index(BEGIN_MARK) + len(BEGIN_MARK): text.index(END_MARK)]
+    assert block.strip() == presets_markdown().strip()

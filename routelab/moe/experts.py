@@ -22,9 +22,16 @@ IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_available(dtype: torch.dtype) -> bool:
-    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype``."""
-    return hasattr(F, "grouped_mm") and dtype in _GROUPED_MM_DTYPES
+def grouped_mm_available(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype`` on the device.
+
+    On CPU it runs in fp32/bf16/fp16; CUDA kernels exist for bf16 only (Hopper and newer).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+    return device_type == "cpu" and dtype in _GROUPED_MM_DTYPES
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -84,10 +91,10 @@ class BatchedExperts(nn.Module):
         return self.w_in_EDH[..., : self.d_hidden]
 
     def grouped_mm_supported(self, dtype: torch.dtype) -> bool:
-        """Grouped GEMM needs a supported dtype and 16-byte-aligned row strides."""
+        """Grouped GEMM needs a supported dtype/device and 16-byte-aligned row strides."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         aligned = (self.d_model * itemsize) % 16 == 0 and (self.d_hidden * itemsize) % 16 == 0
-        return grouped_mm_available(dtype) and aligned
+        return grouped_mm_available(dtype, self.w_in_EDH.device.type) and aligned
 
     def use_grouped_mm(self, dtype: torch.dtype) -> bool:
         if self.implementation == "loop":
