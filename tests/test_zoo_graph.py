@@ -126,3 +126,39 @@ def test_bad_inputs_and_options_are_refused() -> None:
         routelab.create_router("similarity-aware", d_model=D, num_experts=E, similarity_temperature=0.0)
     with pytest.raises(routelab.ConfigError, match="similarity_dim"):
         routelab.create_router("similarity-aware", d_model=D, num_experts=E, similarity_dim=0)
+
+
+def causal_attention(batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    scores = torch.randn(batch, seq, seq, generator=g)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("name", ["attention-aware", "similarity-aware"])
+@pytest.mark.parametrize("seed", range(4))
+def test_permutation_and_padding_hold_up_to_float_rounding(name: str, seed: int) -> None:
+    """The registry-wide properties, with a tolerance instead of bit-exact comparison."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    options = {"similarity_causal": False} if name == "similarity-aware" else {}
+    layer = routelab.MoE(d_model=D, d_hidden=8, num_experts=E, top_k=2, router=name, **options).eval()
+    batch, seq, pad = 3, 7, 3
+    x = torch.randn(batch, seq, D, generator=g)
+    attention = causal_attention(batch, seq + pad, g)
+    base = layer(x, attention=attention[:, :seq, :seq])
+    perm_s, perm_b = torch.randperm(seq, generator=g), torch.randperm(batch, generator=g)
+    permuted = layer(x[perm_b][:, perm_s], attention=attention[:, :seq, :seq][perm_b][:, perm_s][:, :, perm_s])
+    flat = (perm_b.view(-1, 1) * seq + perm_s.view(1, -1)).reshape(-1)
+    torch.testing.assert_close(permuted.routing.scores, base.routing.scores[flat], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(permuted.y, base.y[perm_b][:, perm_s], atol=1e-5, rtol=1e-5)
+    if name == "similarity-aware":
+        layer = routelab.MoE(d_model=D, d_hidden=8, num_experts=E, top_k=2, router=name).eval()  # causal default
+        base = layer(x)
+    mask = torch.zeros(batch, seq + pad, dtype=torch.bool)
+    mask[:, :seq] = True
+    x_padded = torch.cat([x, 100 * torch.randn(batch, pad, D, generator=g)], dim=1)
+    padded = layer(x_padded, padding_mask=mask, attention=attention)
+    torch.testing.assert_close(padded.routing.scores, base.routing.scores, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded.y[:, :seq], base.y, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded.y[:, seq:], torch.zeros_like(padded.y[:, seq:]))
+
