@@ -10,11 +10,6 @@ from routelab.routers.selectors import TopK
 from routelab.routers.token_graph import TokenGraphSoftmax
 
 _PAPER = "Nguyen, Tran, Nguyen & Baraniuk 2025, Improving Routing in Sparse MoE with Graph of Tokens (arXiv 2505.00792)"
-_FLOAT_ORDER = (
-    "holds only up to float rounding: a token's probabilities are sums over the other tokens of its sequence, "
-    "accumulated in their order, so a permuted (or padded) batch agrees to ~1e-7, not bit-exactly; checked with a "
-    "tolerance in tests/test_zoo_graph.py"
-)
 
 
 def graph_router(spec: RouterSpec, common: CommonOptions, score_fn: TokenGraphSoftmax, normalization: str) -> Router:
@@ -40,8 +35,7 @@ def graph_router(spec: RouterSpec, common: CommonOptions, score_fn: TokenGraphSo
     exemptions={
         "token_permutation": "with similarity_causal=True (the default, for decoders) a token mixes only with earlier "
         "tokens, so its routing depends on the order of its sequence; with similarity_causal=False it is "
-        "equivariant to permutations within a sequence up to float rounding (tested in tests/test_zoo_graph.py)",
-        "padding_invariance": _FLOAT_ORDER,
+        "equivariant to permutations within a sequence (tested in tests/test_zoo_graph.py)",
     },
 )
 def build_similarity_aware(
@@ -78,7 +72,6 @@ def build_similarity_aware(
     default_top_k=2,
     common_defaults={"aux_loss_coef": 1e-2},
     needs_attention=True,
-    exemptions={"token_permutation": _FLOAT_ORDER, "padding_invariance": _FLOAT_ORDER},
 )
 def build_attention_aware(
     spec: RouterSpec,
