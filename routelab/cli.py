@@ -10,6 +10,8 @@ import typer
 COMMAND_MODULES = (
     "routelab.commands.routers",
     "routelab.commands.lab",
+    "routelab.commands.diagnostics",
+    "routelab.commands.hf",
 )
 
 app = typer.Typer(

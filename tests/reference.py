@@ -16,6 +16,8 @@ def reference_expert(experts: BatchedExperts, expert: int, x_D: torch.Tensor) ->
     if experts.activation == "swiglu":
         half = experts.d_hidden
         h = F.silu(h[:half]) * h[half:]
+    elif experts.activation == "relu":
+        h = F.relu(h)
     else:
         h = F.gelu(h)
     return h @ experts.w_out_EHD[expert]

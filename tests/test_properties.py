@@ -46,9 +46,19 @@ def route(layer: routelab.MoE, x: torch.Tensor, mask=None, extra=None) -> routel
 def row_sets(routing: routelab.Routing) -> list[dict[int, float]]:
     """Each token's {expert: weight}, order-free (slot order is not part of the contract)."""
     return [
-        {e: round(w, 5) for e, w in zip(idx_row, w_row) if e >= 0}
+        {e: w for e, w in zip(idx_row, w_row) if e >= 0}
         for idx_row, w_row in zip(routing.topk_idx.tolist(), routing.topk_weight.tolist())
     ]
+
+
+def assert_same_routing(actual: list[dict[int, float]], expected: list[dict[int, float]], tol: float = 1e-5) -> None:
+    """Same experts for every token, and the same weights up to float rounding (routers that
+    sum over a sequence may accumulate in another order)."""
+    assert len(actual) == len(expected)
+    for t, (a, b) in enumerate(zip(actual, expected)):
+        assert set(a) == set(b), f"token {t}: experts {sorted(a)} != {sorted(b)}"
+        for e in a:
+            assert abs(a[e] - b[e]) <= tol * (1 + abs(b[e])), f"token {t}, expert {e}: {a[e]} != {b[e]}"
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)
@@ -104,7 +114,7 @@ def test_token_permutation_equivariance(name, data) -> None:
     base = row_sets(route(layer, x, extra=extra).routing)
     permuted = row_sets(route(layer, x[perm_B][:, perm_S], extra=extra_p).routing)
     flat_perm = (perm_B.view(-1, 1) * seq + perm_S.view(1, -1)).reshape(-1).tolist()
-    assert permuted == [base[i] for i in flat_perm]
+    assert_same_routing(permuted, [base[i] for i in flat_perm])
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)
@@ -128,7 +138,7 @@ def test_padding_does_not_change_real_tokens(name, data) -> None:
     mask[:, :seq] = True
     plain = route(layer, x, extra=plain_extra)
     padded = route(layer, x_padded, mask=mask, extra=extra)
-    assert row_sets(padded.routing) == row_sets(plain.routing)
+    assert_same_routing(row_sets(padded.routing), row_sets(plain.routing))
     torch.testing.assert_close(padded.y[:, :seq], plain.y, atol=1e-5, rtol=1e-5)
     assert bool((padded.y[:, seq:] == 0).all())
     assert float(padded.routing.stats["num_tokens"]) == batch * seq

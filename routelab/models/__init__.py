@@ -1,4 +1,5 @@
-"""Models with pluggable routing: TinyLM (a small decoder-only transformer)."""
+"""Models: TinyLM (a small decoder-only transformer with pluggable routing) and adapters for
+pretrained models (``routelab.models.hf``)."""
 
 from routelab.models.tinylm import TinyLM, TinyLMConfig, TinyLMOutput
 

@@ -3,5 +3,17 @@
 from routelab.moe.dispatch import dispatch_combine, sort_by_expert
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.moe.layer import MoE, MoEOutput
+from routelab.moe.pool import ExpertPool, build_rexmoe_layers
+from routelab.moe.soft import SoftMoE
 
-__all__ = ["BatchedExperts", "DenseFFN", "MoE", "MoEOutput", "dispatch_combine", "sort_by_expert"]
+__all__ = [
+    "BatchedExperts",
+    "DenseFFN",
+    "ExpertPool",
+    "MoE",
+    "MoEOutput",
+    "SoftMoE",
+    "build_rexmoe_layers",
+    "dispatch_combine",
+    "sort_by_expert",
+]

@@ -17,7 +17,7 @@ from torch import nn
 
 from routelab.core.validation import check_choice, check_positive_int
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,13 +43,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class BatchedExperts(nn.Module):
-    """``E`` independent FFN experts (SwiGLU or GELU), stored as batched weights.
+    """``E`` independent FFN experts (SwiGLU, GELU or ReLU), stored as batched weights.
 
     Args:
         num_experts: ``E``.
         d_model: input/output width ``D``.
         d_hidden: hidden width ``H`` of each expert.
-        activation: ``swiglu`` (``W_down(silu(x W_gate) * x W_up)``) or ``gelu``.
+        activation: ``swiglu`` (``W_down(silu(x W_gate) * x W_up)``), ``gelu`` or ``relu``
+            (the ReLU experts of MoE-X).
         implementation: ``auto`` (grouped GEMM when available), ``grouped_mm`` or ``loop``.
     """
 
@@ -81,7 +82,13 @@ class BatchedExperts(nn.Module):
         if self.activation == "swiglu":
             gate_NH, up_NH = h_NH.chunk(2, dim=-1)
             return F.silu(gate_NH) * up_NH
-        return F.gelu(h_NH)
+        return F.relu(h_NH) if self.activation == "relu" else F.gelu(h_NH)
+
+    def gate_projection(self) -> torch.Tensor:
+        """``[E, D, H]``: the projection whose activation gates each hidden unit (the SwiGLU
+        gate half, or the whole input projection of a GELU/ReLU expert). Router parts that
+        read expert weights (ERC loss, MoE-X) use it; see ``routelab.routers.expert_access``."""
+        return self.w_in_EDH[..., : self.d_hidden]
 
     def grouped_mm_supported(self, dtype: torch.dtype) -> bool:
         """Grouped GEMM needs a supported dtype/device and 16-byte-aligned row strides."""
@@ -143,7 +150,7 @@ class BatchedExperts(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """A dense FFN (SwiGLU or GELU) used for shared experts and dense baselines."""
+    """A dense FFN (SwiGLU, GELU or ReLU) used for shared experts and dense baselines."""
 
     def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu") -> None:
         super().__init__()
@@ -160,5 +167,5 @@ class DenseFFN(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
         return self.w_out(h)

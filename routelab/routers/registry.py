@@ -83,6 +83,7 @@ class PresetInfo:
             ``capacity_factor`` — the preset honours a token-dropping capacity).
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
+        needs_attention: the router reads the attention matrix (``attention=`` of the layer).
     """
 
     name: str
@@ -94,6 +95,7 @@ class PresetInfo:
     exemptions: dict[str, str] = field(default_factory=dict)
     min_top_k: int = 1
     needs_token_ids: bool = False
+    needs_attention: bool = False
 
     def specific_options(self) -> dict[str, Any]:
         """The preset's own options and their defaults."""
@@ -119,6 +121,7 @@ def register_preset(
     exemptions: dict[str, str] | None = None,
     min_top_k: int = 1,
     needs_token_ids: bool = False,
+    needs_attention: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register ``builder(spec: RouterSpec, common: CommonOptions, **options) -> Router``."""
 
@@ -135,6 +138,7 @@ def register_preset(
                 exemptions=dict(exemptions or {}),
                 min_top_k=min_top_k,
                 needs_token_ids=needs_token_ids,
+                needs_attention=needs_attention,
             ),
         )
         return builder
