@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from tests.lab_helpers import write_corpus
 from rich.console import Console
 
@@ -61,6 +62,7 @@ def test_outputs_exist(finished):
         for seed in (0, 1):
             run = folder / f"{key}-seed{seed}"
             assert (run / "model.pt").is_file() and (run / "probe_routing.npz").is_file()
+            assert (run / "val_routing.npz").is_file()
     with (folder / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and {r["router"] for r in rows} == {"mixtral", "hash", "dense"}
@@ -107,6 +109,32 @@ def test_report_numbers_come_from_the_runs(finished):
 
     dense = next(a for a in result["aggregates"] if a["router"] == "dense")
     assert dense["max_vio_avg_mean"] is None and dense["val_loss_mean"] is not None
+
+
+def test_serving_columns_come_from_the_saved_validation_routing(finished, tmp_path):
+    config, result = finished
+    folder = config.folder / "mixtral-seed0"
+    saved = np.load(folder / "val_routing.npz")
+    # the saved routing is what the final model does on the validation windows
+    from routelab.lab.batches import eval_batches
+    from routelab.lab.checkpoint import load_model
+    from routelab.lab.data import PreparedCorpus
+
+    model, _, meta = load_model(folder)
+    corpus = PreparedCorpus(next((config.folder.parent.parent / "cache").iterdir()))
+    batches = eval_batches(corpus.tokens("val"), corpus.domain_labels("val"), 16, 4, 256)
+    with torch.no_grad():
+        outs = [model(b.inputs) for b in batches]
+    for layer in range(2):
+        expected = torch.cat([o.routings[layer].topk_idx for o in outs]).numpy()
+        assert np.array_equal(saved["topk_idx"][layer], expected)
+    assert np.array_equal(saved["token_ids"], torch.cat([b.inputs for b in batches]).numpy())
+    row = next(r for r in result["rows"] if r["router"] == "mixtral" and r["seed"] == 0)
+    assert 0.0 <= row["lru_hit_2k"] <= 1.0 and 0.0 <= row["sch_2k"] <= 1.0
+    assert row["ep_max_mean"] >= 1.0 and row["llep_speedup"] > 0
+    dense = next(r for r in result["rows"] if r["router"] == "dense")
+    assert dense["sch_2k"] is None
+    assert "topk_idx" not in np.load(config.folder / "dense-seed0" / "val_routing.npz").files
 
 
 def test_finished_runs_are_skipped(finished, tmp_path):

@@ -261,10 +261,14 @@ def compare_command(
 
 def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, title: str) -> dict[str, Any]:
     from routelab.lab.experiment import run_experiment
-    from routelab.lab.report import leaderboard_table
+    from routelab.lab.report import leaderboard_table, serving_table
 
     result = run_experiment(config, console=err_console, show_progress=show_progress, cache_dir=cache_dir)
-    output_console().print(leaderboard_table(result["aggregates"], result["tost"], title))
+    console = output_console()
+    console.print(leaderboard_table(result["aggregates"], result["tost"], title))
+    serving = serving_table(result["aggregates"], "serving cost of the final routing (validation set)")
+    if serving is not None:
+        console.print(serving)
     return result
 
 

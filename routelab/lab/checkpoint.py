@@ -105,7 +105,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
 
     Returns:
         ``(model, tokenizer, metadata)`` with the model in eval mode; ``metadata`` holds
-        ``model_config``, ``train_config``, ``corpus``, ``step`` and ``router``.
+        ``name`` (the run folder), ``path``, ``tokenizer_hash``, ``model_config``,
+        ``train_config``, ``corpus``, ``step`` and ``router``.
     """
     file = resolve_model_path(path)
     payload = read_checkpoint(file)
@@ -115,7 +116,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     model.to(device).eval()
     tokenizer = TextTokenizer.from_json(payload["tokenizer"])
     metadata = {
+        "name": file.parent.name if file.name in (MODEL_FILE, CHECKPOINT_FILE) else file.stem,
         "path": str(file),
+        "tokenizer_hash": tokenizer.content_hash(),
         "model_config": payload["model_config"],
         "train_config": payload.get("train_config", {}),
         "corpus": payload.get("corpus", {}),

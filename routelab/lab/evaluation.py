@@ -14,8 +14,10 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from routelab.core.stats import balance_stats
@@ -80,11 +82,61 @@ class LayerTotals:
         }
 
 
+class RoutingCollector:
+    """Keeps the routing of every validation batch (for ``val_routing.npz``)."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[torch.Tensor] = []
+        self.domains: list[torch.Tensor] = []
+        self.topk_idx: list[list[torch.Tensor]] = []
+        self.topk_weight: list[list[torch.Tensor]] = []
+        self.num_experts = 0
+
+    def add(self, batch: Batch, routings: Sequence[Any]) -> None:
+        self.token_ids.append(batch.inputs)
+        self.domains.append(batch.domains)
+        self.topk_idx.append([r.topk_idx.detach().cpu() for r in routings])
+        self.topk_weight.append([r.topk_weight.detach().float().cpu() for r in routings])
+        self.num_experts = routings[0].num_experts if routings else 0
+
+    def save(self, path: Path, moe_layers: Sequence[int]) -> None:
+        """``val_routing.npz``: ``token_ids`` (the routed input tokens) and ``domains`` (of the
+        predicted tokens) ``[sequences, seq]``, ``topk_idx``/``topk_weight``
+        ``[layers, tokens, slots]`` in (sequence, position) order, ``num_experts``, ``moe_layers``."""
+        arrays: dict[str, np.ndarray] = {
+            "token_ids": torch.cat(self.token_ids).numpy(),
+            "domains": torch.cat(self.domains).numpy(),
+            "moe_layers": np.asarray(list(moe_layers), dtype=np.int64),
+            "num_experts": np.asarray(self.num_experts, dtype=np.int64),
+        }
+        layers = len(self.topk_idx[0]) if self.topk_idx else 0
+        if layers:
+            width = max(t.shape[1] for per_batch in self.topk_idx for t in per_batch)
+            arrays["topk_idx"] = torch.stack([
+                torch.cat([pad_slots(per_batch[layer], width) for per_batch in self.topk_idx]) for layer in range(layers)
+            ]).numpy().astype(np.int16)
+            arrays["topk_weight"] = torch.stack([
+                torch.cat([torch.nn.functional.pad(per_batch[layer], (0, width - per_batch[layer].shape[1]))
+                           for per_batch in self.topk_weight]) for layer in range(layers)
+            ]).numpy()
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+
+
 @torch.no_grad()
 def evaluate(
-    model: TinyLM, batches: Sequence[Batch], probe: Batch, domains: Sequence[str], precision: str
+    model: TinyLM,
+    batches: Sequence[Batch],
+    probe: Batch,
+    domains: Sequence[str],
+    precision: str,
+    collector: RoutingCollector | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
-    """Validation metrics, and the probe batch's ``topk_idx`` / ``topk_weight`` per MoE layer."""
+    """Validation metrics, and the probe batch's ``topk_idx`` / ``topk_weight`` per MoE layer.
+
+    With a ``collector``, the routing of every validation batch is also kept there.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros(len(domains), dtype=torch.float64)
@@ -104,6 +156,8 @@ def evaluate(
                 layers = [LayerTotals(torch.zeros(r.num_experts)) for r in out.routings]
             for totals, routing in zip(layers, out.routings):
                 totals.add(routing.stats)
+            if collector is not None:
+                collector.add(batch, out.routings)
         with autocast(precision):
             probe_out = model(probe.inputs)
     finally:

@@ -40,6 +40,15 @@ LEADERBOARD_COLUMNS = (
     ("tokens_per_s", "tok/s", 0),
 )
 
+SERVING_TABLE_COLUMNS = (
+    ("sch_2k", "SCH @2k", 3),
+    ("lru_hit_2k", "LRU hit @2k", 3),
+    ("lru_serving_hit_2k", "LRU serving hit", 3),
+    ("ep_max_mean", "EP max/mean", 3),
+    ("ep_max_mean_llep", "EP max/mean LLEP", 3),
+    ("llep_speedup", "LLEP speed-up", 2),
+)
+
 
 def numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -142,6 +151,23 @@ def leaderboard_table(aggregates: list[dict[str, Any]], tost_rows: list[dict[str
     return table
 
 
+def has_serving(aggregates: list[dict[str, Any]]) -> bool:
+    return any(numeric(a.get("sch_2k_mean")) for a in aggregates)
+
+
+def serving_table(aggregates: list[dict[str, Any]], title: str) -> Table | None:
+    """The serving columns (cache hit rates, expert-parallel load) per router, if any run has them."""
+    if not has_serving(aggregates):
+        return None
+    table = Table(title=title)
+    table.add_column("router", style="bold cyan")
+    for _, name, _ in SERVING_TABLE_COLUMNS:
+        table.add_column(name, justify="right")
+    for agg in aggregates:
+        table.add_row(agg["router"], *[fmt_pm(agg, c, d) for c, _, d in SERVING_TABLE_COLUMNS])
+    return table
+
+
 def render_markdown(
     config: ExperimentConfig,
     corpus: PreparedCorpus,
@@ -181,6 +207,19 @@ def render_markdown(
     header = ["router"] + domains
     body = [[a["router"]] + [fmt_pm(a, f"val_loss_{d}", 4) for d in domains] for a in aggregates]
     lines += [markdown_table(header, body), ""]
+    if has_serving(aggregates):
+        lines += [
+            "## Serving (final validation routing)",
+            "",
+            "`routelab.systems.summary.serving_summary` of each run's routing of the validation windows: "
+            "SCH and LRU segment-cache hit rates at a cache of twice the active experts per layer, LRU hit "
+            "rate of one continuous stream per layer, device max/mean token load under expert parallelism "
+            "without and with LLEP, and the modelled LLEP step-time speed-up.",
+            "",
+        ]
+        header = ["router"] + [name for _, name, _ in SERVING_TABLE_COLUMNS]
+        body = [[a["router"]] + [fmt_pm(a, c, d) for c, _, d in SERVING_TABLE_COLUMNS] for a in aggregates]
+        lines += [markdown_table(header, body), ""]
     if tost_rows:
         t = config.tost
         lines += [
@@ -226,7 +265,8 @@ def render_markdown(
         markdown_table(["router", "seed", "folder"], [[r.key, str(r.seed), f"`{r.folder}`"] for r in records]),
         "",
         "Per-run metrics: `metrics.jsonl`; final weights: `model.pt` (`routelab.lab.checkpoint.load_model`); "
-        "probe routing at every evaluation: `probe_routing.npz`. Tables: `results.csv`/`.parquet` (one row per run) "
+        "probe routing at every evaluation: `probe_routing.npz`; routing of the validation windows at the end: "
+        "`val_routing.npz`. Tables: `results.csv`/`.parquet` (one row per run) "
         "and `summary.csv`/`.parquet` (per router).",
         "",
     ]

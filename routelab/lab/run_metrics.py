@@ -18,7 +18,11 @@ Definitions of the built-in columns:
 * ``fluctuation_mean`` / ``fluctuation_final``: fraction of (probe token, layer) pairs whose
   selected expert set changed between consecutive evaluations, averaged over the run / at
   the last evaluation;
-* ``tokens_per_s``: training tokens per second of optimizer-step time (evaluation excluded).
+* ``tokens_per_s``: training tokens per second of optimizer-step time (evaluation excluded);
+* ``sch_2k``, ``lru_hit_2k``, ``lru_serving_hit_2k``, ``ep_max_mean``, ``ep_max_mean_llep``,
+  ``llep_speedup``: ``routelab.systems.summary.serving_summary`` of the routing of the whole
+  validation set at the final evaluation (``val_routing.npz``): segment-cache hit rates at a
+  cache of twice the active experts and the expert-parallel load model.
 """
 
 from __future__ import annotations
@@ -154,6 +158,44 @@ def throughput_metrics(run: RunRecord) -> MetricValues:
         "params_total": float(run.summary["params_total"]),
         "params_active": float(run.summary["params_active"]),
     }
+
+
+SERVING_COLUMNS = ("sch_2k", "lru_hit_2k", "lru_serving_hit_2k", "ep_max_mean", "ep_max_mean_llep", "llep_speedup")
+
+
+def validation_trace(run: RunRecord):  # noqa: ANN201 - returns an InMemoryTrace
+    """The final validation routing of a run (``val_routing.npz``) as an in-memory trace, or None."""
+    from routelab.traces.memory import InMemoryTrace
+
+    path = run.folder / "val_routing.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        if "topk_idx" not in data.files:
+            return None  # a dense model routes nothing
+        token_ids = data["token_ids"]
+        sequences, seq_len = token_ids.shape
+        return InMemoryTrace.from_arrays(
+            list(data["topk_idx"].astype(np.int64)),
+            int(data["num_experts"]),
+            topk_weight=list(data["topk_weight"]),
+            seq_id=np.repeat(np.arange(sequences), seq_len),
+            token_id=token_ids.reshape(-1),
+            domain=data["domains"].reshape(-1).astype(np.int16),
+            metadata={"router": run.router, "run": str(run.folder)},
+        )
+
+
+@register_run_metric("serving", "SCH and LRU hit rate at a cache of 2k experts, EP max/mean load with and without LLEP")
+def serving_metrics(run: RunRecord) -> MetricValues:
+    """``routelab.systems.summary.serving_summary`` of the final validation routing."""
+    from routelab.systems.summary import serving_summary
+
+    trace = validation_trace(run)
+    if trace is None:
+        return dict.fromkeys(SERVING_COLUMNS)
+    summary = serving_summary(trace)
+    return {key: float(summary[key]) for key in SERVING_COLUMNS}
 
 
 def run_columns(run: RunRecord, metric_names: list[str] | None = None) -> MetricValues:

@@ -9,6 +9,7 @@ A run lives in one folder::
     checkpoint.pt        the latest training state (removed at the end unless keep_checkpoint)
     model.pt             the final model (routelab.lab.checkpoint.load_model reads it)
     probe_routing.npz    routing of the fixed probe batch at every evaluation
+    val_routing.npz      routing of the whole validation set at the final evaluation
     summary.json         written last: the run is finished
 
 Exact resume: batches are a function of (seed, step), and the checkpoint holds the model,
@@ -46,7 +47,7 @@ from routelab.lab.checkpoint import (
 )
 from routelab.lab.config import TrainConfig
 from routelab.lab.data import PreparedCorpus
-from routelab.lab.evaluation import autocast, evaluate, pad_slots, routing_fluctuation
+from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 from routelab.routers.base import end_of_step
@@ -65,6 +66,7 @@ class RunFiles:
         self.checkpoint = self.root / CHECKPOINT_FILE
         self.model = self.root / MODEL_FILE
         self.probe = self.root / "probe_routing.npz"
+        self.val_routing = self.root / "val_routing.npz"
         self.summary = self.root / "summary.json"
 
     def finished(self) -> bool:
@@ -409,7 +411,10 @@ def train_run(
                 }
                 log.write(json.dumps(row) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:
-                metrics, probe_idx, probe_weight = evaluate(model, val_set, probe, domains, precision)
+                collector = RoutingCollector() if step == train_config.steps else None
+                metrics, probe_idx, probe_weight = evaluate(model, val_set, probe, domains, precision, collector)
+                if collector is not None:
+                    collector.save(files.val_routing, model.moe_layers)
                 fluctuation = history.add(step, probe_idx, probe_weight)
                 log.write(json.dumps({"kind": "eval", "step": step, "tokens": train_tokens,
                                       "routing_fluctuation": fluctuation, **metrics}) + "\n")
