@@ -71,7 +71,7 @@ def parse_ints(value: str | None, flag: str) -> list[int] | None:
 
 
 def apply_threads(value: str | None) -> None:
-    """``--threads N`` sets torch's intra-op threads; ``auto`` leaves out cores other processes keep busy."""
+    """``--threads N`` sets torch's intra-op threads; ``auto`` uses the cores that are idle now."""
     if value is None:
         return
     import torch
@@ -88,8 +88,29 @@ def apply_threads(value: str | None) -> None:
     torch.set_num_threads(threads)
 
 
+def idle_cores(window_s: float = 0.5) -> float | None:
+    """Idle CPU cores over a short window, from ``/proc/stat`` (None where it does not exist)."""
+    import time
+
+    def totals() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)
+
+    try:
+        idle_a, total_a = totals()
+        time.sleep(window_s)
+        idle_b, total_b = totals()
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    cores = os.cpu_count() or 1
+    return cores * (idle_b - idle_a) / max(total_b - total_a, 1)
+
+
 def auto_threads() -> int:
-    """Cores not already busy (1-minute load average), at least 1.
+    """As many threads as cores are idle right now (at least 1, at most the cores we may use).
 
     On a shared machine a second intra-op thread that keeps getting descheduled makes every
     parallel region wait for it, which is slower than one thread.
@@ -97,11 +118,10 @@ def auto_threads() -> int:
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    idle = idle_cores()
+    if idle is None:
+        return cores
+    return max(1, min(cores, int(idle + 0.5)))
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -133,7 +153,7 @@ MAX_BYTES = typer.Option(None, "--max-bytes-per-domain", help="Cap on the bytes 
 VOCAB = typer.Option(None, "--vocab-size", help="BPE vocabulary size.")
 CACHE = typer.Option(None, "--cache-dir", help="Prepared-corpus cache (default $ROUTELAB_CACHE or .cache/routelab).")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
-THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (cores not busy with other work).")
+THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle right now).")
 
 
 def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared) -> dict[str, Any]:
@@ -280,7 +300,7 @@ def demo_command(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Override the seeds (comma-separated)."),
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
-    threads: str = typer.Option("auto", "--threads", help="Intra-op threads: a number, or 'auto' (cores not busy)."),
+    threads: str = typer.Option("auto", "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle right now)."),
 ) -> None:
     """Compare mixtral, loss-free, expert-choice, hash (and ssr when present) on the default corpus."""
     from routelab.lab.demo import demo_settings
