@@ -67,6 +67,28 @@ def test_resume_after_kill_equals_uninterrupted_run(corpus, tmp_path, router):
     assert list(full_probe["steps"]) == [3, 6, 9, 10]
 
 
+def test_ctrl_c_checkpoints_at_the_next_step_boundary(corpus, tmp_path):
+    import os
+    import signal
+
+    config = model_config(corpus, "mixtral")
+    train = tiny_train(steps=6, checkpoint_every=100)
+
+    def press_ctrl_c(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tmp_path / "cut", corpus, config, train, show_progress=False, on_step_end=press_ctrl_c)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 3  # the step in flight finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    train_run(tmp_path / "cut", corpus, config, train, show_progress=False, resume=True)
+    train_run(tmp_path / "full", corpus, config, train, show_progress=False)
+    full = read_checkpoint(tmp_path / "full" / "model.pt")["model"]
+    resumed = read_checkpoint(tmp_path / "cut" / "model.pt")["model"]
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+
+
 def test_run_outputs_and_load_model(corpus, tmp_path):
     config = model_config(corpus, "mixtral")
     summary = train_run(tmp_path / "run", corpus, config, tiny_train(), show_progress=False)
