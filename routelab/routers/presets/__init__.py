@@ -4,3 +4,4 @@ from routelab.routers.presets import standard  # noqa: F401  (switch, gshard, mi
 from routelab.routers.presets import deepseek  # noqa: F401  (deepseek-v3, loss-free)
 from routelab.routers.presets import expert_choice  # noqa: F401
 from routelab.routers.presets import fixed  # noqa: F401  (hash, random-fixed)
+from routelab.routers.presets import transport  # noqa: F401  (base, sinkhorn, ssr)
