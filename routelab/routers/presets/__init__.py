@@ -5,3 +5,4 @@ from routelab.routers.presets import deepseek  # noqa: F401  (deepseek-v3, loss-
 from routelab.routers.presets import expert_choice  # noqa: F401
 from routelab.routers.presets import fixed  # noqa: F401  (hash, random-fixed)
 from routelab.routers.presets import transport  # noqa: F401  (base, sinkhorn, ssr)
+from routelab.routers.presets import ec_dlm  # noqa: F401  (ec-dlm)
