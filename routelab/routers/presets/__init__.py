@@ -6,3 +6,4 @@ from routelab.routers.presets import expert_choice  # noqa: F401
 from routelab.routers.presets import fixed  # noqa: F401  (hash, random-fixed)
 from routelab.routers.presets import transport  # noqa: F401  (base, sinkhorn, ssr)
 from routelab.routers.presets import ec_dlm  # noqa: F401  (ec-dlm)
+from routelab.routers.presets import balancing  # noqa: F401  (bip)
