@@ -8,3 +8,4 @@ from routelab.routers.presets import transport  # noqa: F401  (base, sinkhorn, s
 from routelab.routers.presets import ec_dlm  # noqa: F401  (ec-dlm)
 from routelab.routers.presets import balancing  # noqa: F401  (bip)
 from routelab.routers.presets import geometry  # noqa: F401  (cosine, sra, kmeans)
+from routelab.routers.presets import relu  # noqa: F401  (remoe, blockffn)
