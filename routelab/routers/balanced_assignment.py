@@ -152,7 +152,10 @@ def _auction_phase(
             eps *= 2.0
         held_NK = idx_TK.index_select(0, bidders_N)
         net_NE = values_TE.index_select(0, bidders_N) - prices_E
-        held_mask_NE = torch.zeros_like(net_NE, dtype=torch.bool).scatter_(1, held_NK.clamp_min(0), held_NK >= 0)
+        # empty slots scatter into a spare column so they cannot collide with expert 0
+        slot_col_NK = torch.where(held_NK >= 0, held_NK, torch.full_like(held_NK, num_experts))
+        held_mask_NE = torch.zeros(net_NE.shape[0], num_experts + 1, dtype=torch.bool, device=device)
+        held_mask_NE = held_mask_NE.scatter_(1, slot_col_NK, True)[:, :num_experts]
         net_NE = net_NE.masked_fill(held_mask_NE, float("-inf"))
         best_val_NK1, best_idx_NK1 = torch.topk(net_NE, top_k + 1, dim=1)
         need_N = need_T.index_select(0, bidders_N)

@@ -116,7 +116,7 @@ def _fast_iterations(
         f_T = log_row - row_max_T - g_max - torch.log(kernel_rows_TE @ torch.exp(g_E - g_max))
         f_max = f_T.max()
         g_new = log_col - col_max_E - f_max - torch.log(kernel_cols_ET @ torch.exp(f_T - f_max))
-        delta = (g_new - g_E).abs().mean()
+        delta = (g_new - g_E).detach().abs().mean()
         g_E = g_new
         if iterations % CHECK_EVERY == 0 or iterations == max_iter:
             if not bool(torch.isfinite(delta)):
@@ -139,7 +139,7 @@ def _robust_iterations(
     for iterations in range(1, max_iter + 1):
         f_T = log_row - torch.logsumexp(log_kernel_TE + g_E.unsqueeze(0), dim=1)
         g_new = log_col - torch.logsumexp(log_kernel_TE + f_T.unsqueeze(1), dim=0)
-        delta = (g_new - g_E).abs().mean()
+        delta = (g_new - g_E).detach().abs().mean()
         g_E = g_new
         if (iterations % CHECK_EVERY == 0 or iterations == max_iter) and float(delta) < tol:
             converged = True
