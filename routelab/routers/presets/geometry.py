@@ -12,6 +12,8 @@ from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.score_functions import Softmax
 from routelab.routers.selectors import TopK
 
+_TOP1_RAW = "holds for top_k > 1; top-1 keeps the full-softmax probability so the router still gets a gradient"
+
 
 def cosine_router(
     spec: RouterSpec,
@@ -48,6 +50,7 @@ def cosine_router(
     "top-k renormalised for k>1",
     paper="Equifinality in Mixture-of-Experts Routing (arXiv 2604.14419), low-dimensional cosine router",
     default_top_k=2,
+    exemptions={"weights_sum_to_one": _TOP1_RAW},
 )
 def build_cosine(
     spec: RouterSpec,
@@ -80,6 +83,7 @@ def build_cosine(
     "bandpass balance loss 0.4",
     paper="Semantic Resonance Architecture (ITernovtsii/semantic-resonance), cosine routing + bandpass loss",
     default_top_k=1,
+    exemptions={"weights_sum_to_one": _TOP1_RAW},
 )
 def build_sra(
     spec: RouterSpec,
