@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from routelab.core.validation import check_choice, check_positive_int, check_top_k
-from routelab.routers.balanced_assignment import SOLVERS, balanced_assignment
+from routelab.routers.balanced_assignment import AUCTION_INITS, SOLVERS, balanced_assignment
 from routelab.routers.base import RoutingDraft, Scorer, Selector, StatefulPart
 
 
@@ -55,6 +55,8 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
         solver: ``auction`` or ``hungarian`` (exact, top-1 only, O(T^3)).
         auction_eps: final auction eps as a fraction of the affinity range (1/50 in fairseq).
         auction_max_rounds: rounds before the auction's approximate finish.
+        auction_init: cold-start prices: ``sinkhorn`` (entropic relaxation) or ``zero``
+            (eps-scaling from zero prices).
         warm_start: start the auction from the previous step's prices.
     """
 
@@ -66,6 +68,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
         solver: str = "auction",
         auction_eps: float = 0.02,
         auction_max_rounds: int = 200,
+        auction_init: str = "sinkhorn",
         warm_start: bool = True,
     ) -> None:
         super().__init__()
@@ -83,6 +86,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
             raise ConfigError(f"auction_eps must lie in (0, 1] (a fraction of the affinity range), got {auction_eps}.")
         self.auction_eps = auction_eps
         self.auction_max_rounds = check_positive_int("auction_max_rounds", auction_max_rounds)
+        self.auction_init = check_choice("auction_init", auction_init, AUCTION_INITS)
         self.warm_start = bool(warm_start)
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("has_prices", torch.zeros((), dtype=torch.bool))
@@ -101,6 +105,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
                 eps_rel=self.auction_eps,
                 max_rounds=self.auction_max_rounds,
                 init_prices_E=init,
+                init=self.auction_init,
             )
             topk_idx_TK = result.topk_idx_TK
             if self.solver == "auction" and draft.num_tokens:

@@ -129,10 +129,10 @@ class OnlineKMeansScorer(Scorer, StatefulPart):
             self.pending_seed.copy_(seed_ED)
             self.has_seed.fill_(True)
         top_k = min(self.top_k, self.num_experts)
-        expert_N = torch.topk(logits_TE, top_k, dim=-1).indices.reshape(-1)
-        token_N = torch.arange(num_tokens, device=x_hat_TD.device).repeat_interleave(top_k)
-        self.pending_sum.index_add_(0, expert_N, x_hat_TD.index_select(0, token_N))
-        self.pending_count += torch.bincount(expert_N, minlength=self.num_experts).to(self.pending_count.dtype)
+        topk_idx_TK = torch.topk(logits_TE, top_k, dim=-1).indices
+        routed_TE = torch.zeros_like(logits_TE).scatter_(1, topk_idx_TK, 1.0)
+        self.pending_sum += routed_TE.t() @ x_hat_TD
+        self.pending_count += routed_TE.sum(dim=0)
         take = min(num_tokens, self.num_experts)
         rows = self.random.randperm(num_tokens, x_hat_TD.device)[:take]
         self.candidates[:take] = x_hat_TD[rows]

@@ -26,6 +26,7 @@ def build_base(
     base_solver: str = "auction",
     auction_eps: float = 0.02,
     auction_max_rounds: int = 200,
+    auction_init: str = "sinkhorn",
     warm_start: bool = True,
     centroid_init_gain: float = 0.1,
 ) -> Router:
@@ -33,8 +34,9 @@ def build_base(
     eps-scaling auction on the affinities ``x . c_e`` (final eps = ``auction_eps`` times
     their range; fairseq uses 1/50) or exactly with ``base_solver='hungarian'`` (top-1,
     O(T^3), for small batches). Evaluation takes the greedy top-k. The gate is
-    ``sigmoid(x . c_e)``; centroids start orthogonal with gain 0.1. ``warm_start`` starts
-    each step's auction from the previous step's prices.
+    ``sigmoid(x . c_e)``; centroids start orthogonal with gain 0.1. The auction starts from
+    the prices of an entropic relaxation (``auction_init='sinkhorn'``; ``'zero'`` runs
+    eps-scaling from zero prices) or, with ``warm_start``, from the previous step's prices.
     """
     if common.aux_loss_coef or common.seq_aux_loss_coef:
         raise ConfigError("router 'base' balances by assignment and takes no balance loss; set aux_loss_coef=0.")
@@ -51,6 +53,7 @@ def build_base(
             solver=base_solver,
             auction_eps=auction_eps,
             auction_max_rounds=auction_max_rounds,
+            auction_init=auction_init,
             warm_start=warm_start,
         ),
         gate_norm=GateNorm("none"),
