@@ -91,7 +91,7 @@ def test_halting_skips_halted_tokens():
     torch.manual_seed(2)
     layer = MoE(d_model=16, d_hidden=32, num_experts=4, router="cosine").eval()
     x = torch.randn(1, 12, 16)
-    first = layer(x).y
+    first = layer(x).y.detach()
     ratio = first.norm(dim=-1) / x.norm(dim=-1)
     theta = float(ratio.median())
     out = apply_hops(layer, x, hops=2, halt_threshold=theta)
