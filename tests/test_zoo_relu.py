@@ -183,7 +183,7 @@ def test_blockffn_locality_loss_by_hand():
     routing = router(x, batch)
     # only (token 0 -> token 1) are consecutive in one sequence
     expected = F.binary_cross_entropy_with_logits(x[0], torch.sigmoid(x[1]))
-    assert float(routing.losses["locality"]) == pytest.approx(float(expected))
+    assert float(routing.losses["locality"].detach()) == pytest.approx(float(expected))
 
 
 def test_blockffn_options_checked():
