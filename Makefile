@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/routelab demo
+	$(BIN)/routelab list
+	$(BIN)/routelab bench --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

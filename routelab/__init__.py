@@ -7,6 +7,7 @@ Every routing method is a router built from parts (scorer -> score function -> s
 from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
 from routelab.moe import MoE, MoEOutput
 from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
+from routelab.traces import Trace
 
 __version__ = "0.1.0"
 
@@ -20,8 +21,18 @@ __all__ = [
     "RoutelabError",
     "RoutingContext",
     "TokenBatch",
+    "Trace",
     "create_router",
     "end_of_step",
     "list_routers",
     "preset_info",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy submodules: ``routelab.hf`` (transformers integration) loads on first use."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("routelab.hf")
+    raise AttributeError(f"module 'routelab' has no attribute {name!r}")

@@ -9,6 +9,8 @@ import typer
 
 COMMAND_MODULES = (
     "routelab.commands.routers",
+    "routelab.commands.diagnostics",
+    "routelab.commands.hf",
 )
 
 app = typer.Typer(

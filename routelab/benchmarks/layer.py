@@ -144,9 +144,16 @@ def run_layer_benchmark(
     return rows
 
 
+def causal_uniform_attention(tokens: int) -> torch.Tensor:
+    """``[1, T, T]``: each token attends uniformly to itself and the tokens before it."""
+    causal = torch.ones(tokens, tokens).tril()
+    return (causal / causal.sum(dim=1, keepdim=True)).unsqueeze(0)
+
+
 def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed: int = 0) -> dict[str, float]:
     """Seconds of the router alone and of the whole layer (forward+backward, fp32)."""
-    from routelab.core.context import TokenBatch
+    from routelab.core.context import RoutingContext, TokenBatch
+    from routelab.routers.registry import preset_info
 
     torch.manual_seed(seed)
     layer = MoE(
@@ -154,10 +161,11 @@ def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed
     )
     x = torch.randn(1, tokens, shape.d_model, requires_grad=True)
     token_ids = torch.randint(0, 50_000, (1, tokens))
-    batch = TokenBatch.from_mask(1, tokens, None, token_ids=token_ids)
+    attention = causal_uniform_attention(tokens) if preset_info(router).needs_attention else None
+    batch = TokenBatch.from_mask(1, tokens, None, token_ids=token_ids, context=RoutingContext(attention=attention))
 
     def run_layer() -> None:
-        out = layer(x, token_ids=token_ids)
+        out = layer(x, token_ids=token_ids, attention=attention)
         _backward(out.y, out.aux_loss)
         layer.zero_grad(set_to_none=True)
 

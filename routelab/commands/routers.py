@@ -6,15 +6,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
 
 
 def list_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each preset's options and defaults."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table of presets, parts and defaults."),
 ) -> None:
     """List every router preset with its paper."""
     from routelab.routers.registry import PRESETS
 
+    if markdown:
+        from routelab.routers.describe import presets_markdown
+
+        typer.echo(presets_markdown(), nl=False)
+        return
+
+    console = Console()
     table = Table(title=f"routelab routers ({len(PRESETS)} presets)", show_lines=verbose)
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
@@ -40,6 +47,7 @@ def bench_command(
     """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
     from routelab.benchmarks.layer import run_layer_benchmark, run_router_cost_benchmark
 
+    console = Console()
     if quick:
         tokens, repeats = min(tokens, 1024), min(repeats, 2)
     shape_names = [s.strip() for s in shapes.split(",") if s.strip()]

@@ -17,14 +17,21 @@ from torch import nn
 
 from routelab.core.validation import check_choice, check_positive_int
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_available(dtype: torch.dtype) -> bool:
-    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype``."""
-    return hasattr(F, "grouped_mm") and dtype in _GROUPED_MM_DTYPES
+def grouped_mm_available(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """True when ``F.grouped_mm`` exists in this torch build and supports ``dtype`` on the device.
+
+    On CPU it runs in fp32/bf16/fp16; CUDA kernels exist for bf16 only (Hopper and newer).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9
+    return device_type == "cpu" and dtype in _GROUPED_MM_DTYPES
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,13 +43,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class BatchedExperts(nn.Module):
-    """``E`` independent FFN experts (SwiGLU or GELU), stored as batched weights.
+    """``E`` independent FFN experts (SwiGLU, GELU or ReLU), stored as batched weights.
 
     Args:
         num_experts: ``E``.
         d_model: input/output width ``D``.
         d_hidden: hidden width ``H`` of each expert.
-        activation: ``swiglu`` (``W_down(silu(x W_gate) * x W_up)``) or ``gelu``.
+        activation: ``swiglu`` (``W_down(silu(x W_gate) * x W_up)``), ``gelu`` or ``relu``
+            (the ReLU experts of MoE-X).
         implementation: ``auto`` (grouped GEMM when available), ``grouped_mm`` or ``loop``.
     """
 
@@ -74,20 +82,33 @@ class BatchedExperts(nn.Module):
         if self.activation == "swiglu":
             gate_NH, up_NH = h_NH.chunk(2, dim=-1)
             return F.silu(gate_NH) * up_NH
-        return F.gelu(h_NH)
+        return F.relu(h_NH) if self.activation == "relu" else F.gelu(h_NH)
+
+    def gate_projection(self) -> torch.Tensor:
+        """``[E, D, H]``: the projection whose activation gates each hidden unit (the SwiGLU
+        gate half, or the whole input projection of a GELU/ReLU expert). Router parts that
+        read expert weights (ERC loss, MoE-X) use it; see ``routelab.routers.expert_access``."""
+        return self.w_in_EDH[..., : self.d_hidden]
+
+    def grouped_mm_supported(self, dtype: torch.dtype) -> bool:
+        """Grouped GEMM needs a supported dtype/device and 16-byte-aligned row strides."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        aligned = (self.d_model * itemsize) % 16 == 0 and (self.d_hidden * itemsize) % 16 == 0
+        return grouped_mm_available(dtype, self.w_in_EDH.device.type) and aligned
 
     def use_grouped_mm(self, dtype: torch.dtype) -> bool:
         if self.implementation == "loop":
             return False
-        if self.implementation == "grouped_mm":
-            if not grouped_mm_available(dtype):
-                from routelab.core.errors import ConfigError
+        supported = self.grouped_mm_supported(dtype)
+        if self.implementation == "grouped_mm" and not supported:
+            from routelab.core.errors import ConfigError
 
-                raise ConfigError(
-                    f"dispatch='grouped_mm' is not available for {dtype} in this torch build; use dispatch='auto'."
-                )
-            return True
-        return grouped_mm_available(dtype)
+            raise ConfigError(
+                f"dispatch='grouped_mm' cannot run {dtype} with d_model={self.d_model}, d_hidden={self.d_hidden} "
+                "in this torch build (it needs float32/bfloat16/float16 and widths whose rows are multiples of "
+                "16 bytes); use dispatch='auto' to fall back to the per-expert loop."
+            )
+        return supported
 
     def expert_forward(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on a block of rows (the slow path, and the reference's building block)."""
@@ -129,7 +150,7 @@ class BatchedExperts(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """A dense FFN (SwiGLU or GELU) used for shared experts and dense baselines."""
+    """A dense FFN (SwiGLU, GELU or ReLU) used for shared experts and dense baselines."""
 
     def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu") -> None:
         super().__init__()
@@ -146,5 +167,5 @@ class DenseFFN(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
         return self.w_out(h)

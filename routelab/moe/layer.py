@@ -19,7 +19,9 @@ from routelab.core.validation import check_activations, check_positive_int, chec
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.routers.base import Router
+from routelab.routers.expert_access import attach_experts
 from routelab.routers.registry import create_router
+from routelab.routers.soft_routing import SOFT_LAYER_PRESETS
 
 
 @dataclass
@@ -55,8 +57,27 @@ class MoE(nn.Module):
             instead of gate 1.
         dispatch: ``auto`` (grouped GEMM when available), ``grouped_mm`` or ``loop``.
         check_inputs: check ``x`` for NaN/Inf on every call (one cheap pass).
+        experts: a prebuilt expert module with ``num_experts``, ``forward_sorted`` and
+            ``gate_projection`` (e.g. a ``routelab.moe.ExpertPool`` shared with adjacent
+            layers, as in ReXMoE); ``activation`` and ``dispatch`` then do not apply.
         **router_options: options of the preset (e.g. ``capacity_factor``, ``z_loss_coef``).
+
+    Router parts that read expert weights (ERC loss, MoE-X) get the experts through
+    ``routelab.routers.expert_access.attach_experts``, called here. ``router="soft-moe"``
+    (or a ``SoftRouter``) makes ``MoE(...)`` return a ``routelab.moe.SoftMoE``, whose
+    slots are soft combinations of tokens (see ``__new__``).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MoE:
+        # Soft MoE cannot run through discrete dispatch: MoE(router="soft-moe") builds the
+        # SoftMoE subclass (same constructor arguments, forward and MoEOutput).
+        router = kwargs.get("router")
+        soft = (isinstance(router, str) and router in SOFT_LAYER_PRESETS) or getattr(router, "layer_kind", None) == "soft"
+        if cls is MoE and soft:
+            from routelab.moe.soft import SoftMoE
+
+            cls = SoftMoE
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -72,6 +93,7 @@ class MoE(nn.Module):
         shared_expert_gate: bool = False,
         dispatch: str = "auto",
         check_inputs: bool = True,
+        experts: nn.Module | None = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -92,7 +114,16 @@ class MoE(nn.Module):
         else:
             raise ConfigError(f"router must be a preset name or a routelab Router, got {type(router).__name__}.")
         self.top_k = self.router.top_k
-        self.experts = BatchedExperts(num_experts, d_model, d_hidden, activation, dispatch)
+        if experts is None:
+            self.experts = BatchedExperts(num_experts, d_model, d_hidden, activation, dispatch)
+        elif getattr(experts, "num_experts", None) != num_experts or getattr(experts, "d_model", None) != d_model:
+            raise ConfigError(
+                f"experts= holds {getattr(experts, 'num_experts', '?')} experts of width {getattr(experts, 'd_model', '?')}; "
+                f"the layer needs num_experts={num_experts}, d_model={d_model}."
+            )
+        else:
+            self.experts = experts
+        attach_experts(self.router, self.experts)
         self.num_shared_experts = check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
         self.shared_experts = None
         if num_shared_experts:

@@ -77,10 +77,13 @@ class PresetInfo:
         default_top_k: used when ``top_k`` is not given.
         common_defaults: this preset's defaults for ``CommonOptions`` fields.
         exemptions: router-agnostic properties that do not hold for this preset, each
-            with the reason (keys: ``token_permutation``, ``padding_invariance``,
-            ``capacity_factor``, ``weights_sum_to_one``).
+            with the reason (keys: ``token_permutation`` — permuting positions within
+            sequences and the order of sequences permutes the routing;
+            ``padding_invariance`` — padding never changes real tokens' routing;
+            ``capacity_factor`` — the preset honours a token-dropping capacity).
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
+        needs_attention: the router reads the attention matrix (``attention=`` of the layer).
     """
 
     name: str
@@ -92,6 +95,7 @@ class PresetInfo:
     exemptions: dict[str, str] = field(default_factory=dict)
     min_top_k: int = 1
     needs_token_ids: bool = False
+    needs_attention: bool = False
 
     def specific_options(self) -> dict[str, Any]:
         """The preset's own options and their defaults."""
@@ -117,6 +121,7 @@ def register_preset(
     exemptions: dict[str, str] | None = None,
     min_top_k: int = 1,
     needs_token_ids: bool = False,
+    needs_attention: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register ``builder(spec: RouterSpec, common: CommonOptions, **options) -> Router``."""
 
@@ -133,6 +138,7 @@ def register_preset(
                 exemptions=dict(exemptions or {}),
                 min_top_k=min_top_k,
                 needs_token_ids=needs_token_ids,
+                needs_attention=needs_attention,
             ),
         )
         return builder

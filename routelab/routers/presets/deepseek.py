@@ -25,7 +25,6 @@ def default_num_groups(num_experts: int, top_k: int) -> int:
     paper="DeepSeek-AI 2024, DeepSeek-V3 Technical Report (arXiv 2412.19437)",
     default_top_k=2,
     common_defaults={"seq_aux_loss_coef": 1e-4},
-    exemptions={"weights_sum_to_one": "gates sum to scaling_factor (2.5 by default)"},
 )
 def build_deepseek_v3(
     spec: RouterSpec,

@@ -16,11 +16,6 @@ from routelab.routers.score_functions import Softmax
     paper="Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing (arXiv 2202.09368)",
     default_top_k=2,
     common_defaults={"capacity_factor": 1.0},
-    exemptions={
-        "token_permutation": "experts compare tokens within a sequence: holds for permutations inside one "
-        "sequence, not across sequences (tested per sequence)",
-        "weights_sum_to_one": "gates are softmax probabilities of the experts that picked the token",
-    },
 )
 def build_expert_choice(
     spec: RouterSpec, common: CommonOptions, *, ec_gate: str = "softmax", ec_grouping: str = "sequence"

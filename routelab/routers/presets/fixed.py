@@ -32,7 +32,6 @@ def hash_router(spec: RouterSpec, common: CommonOptions, selector: HashSelector)
     paper="Roller et al. 2021, Hash Layers For Large Sparse Models (arXiv 2106.04426)",
     default_top_k=1,
     needs_token_ids=True,
-    exemptions={"weights_sum_to_one": "holds: gates are 1/k"},
 )
 def build_hash(
     spec: RouterSpec, common: CommonOptions, *, hash_mode: str = "random", seed: int = 0, vocab_size: int | None = None

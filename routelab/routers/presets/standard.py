@@ -115,7 +115,6 @@ def build_topk(
     paper="Shazeer et al. 2017, Outrageously Large Neural Networks (arXiv 1701.06538)",
     default_top_k=2,
     min_top_k=2,
-    exemptions={"token_permutation": "noise is drawn per token in training (holds in eval mode, which the test uses)"},
 )
 def build_noisy_topk(
     spec: RouterSpec,

@@ -1,0 +1,263 @@
+"""``routelab trace``, ``routelab analyze`` and ``routelab simulate cache|ep|schedule``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from routelab.core.errors import ConfigError, RoutelabError
+
+
+def _fail(err: Exception) -> None:
+    Console().print(f"[bold red]error:[/] {err}", soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _open_trace(path: Path, max_tokens: int | None):  # noqa: ANN202
+    from routelab.traces import Trace
+
+    trace = Trace.open(path)
+    return trace.select(max_tokens=max_tokens) if max_tokens else trace
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{name} must be comma-separated integers, got {text!r}.") from err
+    if not values:
+        raise ConfigError(f"{name} is empty.")
+    return values
+
+
+def _tokenizer_hash(tokenizer: Any) -> str | None:
+    to_str = getattr(tokenizer, "to_str", None)
+    if callable(to_str):
+        return hashlib.sha256(to_str().encode()).hexdigest()[:16]
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, metadata)`` of a TinyLM checkpoint, through the lab's loader."""
+    try:
+        from routelab.lab.checkpoint import load_model
+    except ImportError as err:
+        raise ConfigError(
+            "`routelab trace CHECKPOINT` needs the training lab (routelab.lab.checkpoint.load_model), which this "
+            "installation lacks. Record traces from Python with routelab.traces.TraceRecorder instead."
+        ) from err
+    return load_model(path)
+
+
+def trace_command(
+    checkpoint: Path = typer.Argument(..., help="TinyLM checkpoint written by `routelab train`."),
+    corpus: list[str] = typer.Option(
+        ..., "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Trace directory to write (e.g. runs/x/val.trace)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence (documents are cut into pieces)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
+    device: str = typer.Option("cpu", "--device", help="torch device to run the model on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace at --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted trace at --out."),
+    hf: bool = typer.Option(False, "--hf", help="CHECKPOINT is a transformers MoE checkpoint (see `trace-hf`)."),
+) -> None:
+    """Run a trained checkpoint over a corpus and record its routing as a trace."""
+    console = Console()
+    if hf:
+        from routelab.commands.hf import trace_and_summarise
+
+        return trace_and_summarise(str(checkpoint), corpus, out, seq_len=seq_len, batch_size=batch_size,
+                                   max_tokens=max_tokens, device=device, resume=resume, overwrite=overwrite)
+    from routelab.traces import TraceRecorder, TraceWriter
+    from routelab.traces.corpus import corpus_description, encoder_of, parse_corpus, record_corpus, token_sequences
+    from routelab.traces.recorder import ModuleRoutingSource
+
+    try:
+        entries = parse_corpus(corpus)
+        model, tokenizer, ckpt_meta = load_checkpoint(checkpoint)
+        model = model.to(device).eval()
+        limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if limit is not None and seq_len > limit:
+            raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len={limit}.")
+        source = ModuleRoutingSource(model)
+        config = getattr(model, "config", None)
+        metadata = {
+            "model": ckpt_meta.get("name") or Path(checkpoint).stem,
+            "router": ckpt_meta.get("router") or getattr(config, "router", None),
+            "checkpoint": str(checkpoint),
+            "corpus": corpus_description(entries),
+            "tokenizer_hash": ckpt_meta.get("tokenizer_hash") or _tokenizer_hash(tokenizer),
+            "domain_names": [e.domain for e in entries],
+            "seq_len": seq_len,
+            "moe_layers": source.layer_names,
+            "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+        }
+        if resume:
+            writer = TraceWriter.resume(out)
+        else:
+            writer = TraceWriter(out, metadata, source.num_layers, source.num_experts, overwrite=overwrite)
+        sequences = token_sequences(entries, encoder_of(tokenizer), seq_len)
+        with writer, Progress(TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                              TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("trace", total=max_tokens, completed=writer.num_tokens)
+            tokens = record_corpus(TraceRecorder(source, writer), sequences, batch_size=batch_size,
+                                   max_tokens=max_tokens, on_batch=lambda n: bar.advance(task, n), device=device)
+    except RoutelabError as err:
+        _fail(err)
+    console.print(f"wrote {tokens} tokens x {source.num_layers} MoE layers to {out}")
+
+
+def analyze_command(
+    trace_path: Path = typer.Argument(..., help="Trace directory."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default: <trace>-analysis)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Analyse only the first N tokens."),
+    windows: str = typer.Option("4,16,64,256", "--windows", help="SRP windows / SCH look-aheads."),
+    sequence_stride: int = typer.Option(16, "--sequence-stride", help="SCH replays every n-th sequence (moe-lrc: 16)."),
+    devices: int | None = typer.Option(None, "--devices", help="EP devices (default: largest divisor of E up to 8)."),
+    no_prefetch: bool = typer.Option(False, "--no-prefetch", help="Skip the layer-ahead prefetch simulation."),
+) -> None:
+    """Write a markdown report with plots: balance, SRP/SCH, caches, domains, EP, scheduling."""
+    console = Console()
+    from routelab.systems.report import AnalysisOptions, analyze_trace
+
+    try:
+        trace = _open_trace(trace_path, max_tokens)
+        options = AnalysisOptions(windows=_ints(windows, "--windows"), sequence_stride=sequence_stride,
+                                  devices=devices, prefetch=not no_prefetch)
+        target = out or trace_path.with_name(trace_path.name + "-analysis")
+        with console.status("analysing") as status:
+            report = analyze_trace(trace, target, options, progress=lambda s: status.update(f"analysing: {s}"))
+    except RoutelabError as err:
+        _fail(err)
+    console.print(f"report: {report}")
+
+
+def simulate_cache_command(
+    trace_path: Path = typer.Argument(..., help="Trace directory."),
+    sizes: str | None = typer.Option(None, "--sizes", help="Cache sizes in experts per layer (default k,2k,4k,..,E)."),
+    policies: str = typer.Option("lru,lfu,belady", "--policies", help="Demand-paging policies."),
+    scope: str = typer.Option("layer", "--scope", help="layer (one cache per layer) or pooled (shared)."),
+    prefetch: bool = typer.Option(False, "--prefetch", help="Add LRU with layer-ahead prefetch."),
+    predictor: str = typer.Option("transition", "--predictor", help="transition (learned) or oracle."),
+    prefetch_width: int | None = typer.Option(
+        None, "--prefetch-width", help="Experts prefetched per layer (default k)."
+    ),
+    expert_mb: float = typer.Option(3 * 4096 * 14336 * 2 / 1e6, "--expert-mb", help="Expert size in MB."),
+    bandwidth_gbs: float = typer.Option(25.0, "--bandwidth-gbs", help="Host-to-device bandwidth, GB/s."),
+    compute_ms: float = typer.Option(0.5, "--compute-ms", help="Compute per token and expert, ms."),
+    reset_per_sequence: bool = typer.Option(False, "--reset-per-sequence", help="Empty caches at each sequence."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """Replay a trace against expert caches: hit rate, bytes moved and latency per policy and size."""
+    console = Console()
+    from routelab.systems.cache import BandwidthModel, simulate_cache
+
+    try:
+        trace = _open_trace(trace_path, max_tokens)
+        model = BandwidthModel(expert_bytes=expert_mb * 1e6, bandwidth=bandwidth_gbs * 1e9,
+                               expert_compute_s=compute_ms / 1e3)
+        sweep = simulate_cache(
+            trace, cache_sizes=_ints(sizes, "--sizes") if sizes else None,
+            policies=[p.strip() for p in policies.split(",") if p.strip()], scope=scope, prefetch=prefetch,
+            predictor=predictor, prefetch_width=prefetch_width, reset_per_sequence=reset_per_sequence, model=model,
+        )
+    except RoutelabError as err:
+        _fail(err)
+    table = Table(title=f"expert cache ({scope}), {sweep.tokens} tokens x {sweep.num_layers} layers")
+    for col in ("policy", "C", "hit rate", "loads", "GB moved", "prefetch loads", "prefetch GB", "ms/token"):
+        table.add_column(col, justify="right")
+    for r in sweep.results:
+        table.add_row(r.policy, str(r.cache_size), f"{r.hit_rate:.4f}", str(r.demand_loads),
+                      f"{r.bytes_moved / 1e9:.2f}",
+                      str(r.prefetch_loads), f"{r.prefetch_bytes / 1e9:.2f}", f"{r.latency_per_token_s * 1e3:.3f}")
+    console.print(table)
+    if sweep.predictor_recall is not None:
+        console.print(f"predictor recall {sweep.predictor_recall:.3f}, precision {sweep.predictor_precision:.3f}. "
+                      + " ".join(sweep.notes))
+    if json_out:
+        json_out.write_text(json.dumps([r.as_row() for r in sweep.results], indent=1))
+
+
+def simulate_ep_command(
+    trace_path: Path = typer.Argument(..., help="Trace directory."),
+    devices: int | None = typer.Option(None, "--devices", help="EP devices (default: largest divisor of E up to 8)."),
+    batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Tokens per step across all devices."),
+    lam: float = typer.Option(1.3, "--lambda", help="LLEP imbalance gate λ."),
+    alpha: float = typer.Option(1.0, "--alpha", help="LLEP capacity factor α."),
+    min_chunk: int = typer.Option(1024, "--min-chunk", help="LLEP minimum GEMM size m."),
+    gate: str = typer.Option("gpu", "--gate", help="Imbalance ratio of the gate: gpu or expert loads."),
+    d_model: int = typer.Option(2880, "--d-model", help="Expert input width (default: gpt-oss-120b)."),
+    d_hidden: int = typer.Option(2880, "--d-hidden", help="Expert hidden width (default: gpt-oss-120b)."),
+    tflops: float = typer.Option(400.0, "--tflops", help="Sustained GEMM TFLOP/s per device."),
+    link_gbs: float = typer.Option(200.0, "--link-gbs", help="All-to-all and weight-transfer GB/s per rank."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
+) -> None:
+    """Per-device load, all-to-all bytes and step time of standard EP vs LLEP."""
+    console = Console()
+    from routelab.systems.ep import EPCostModel, LLEPConfig, simulate_ep
+
+    try:
+        trace = _open_trace(trace_path, max_tokens)
+        model = EPCostModel(d_model=d_model, d_hidden=d_hidden, flops=tflops * 1e12, link_bandwidth=link_gbs * 1e9,
+                            p2p_bandwidth=link_gbs * 1e9)
+        report = simulate_ep(trace, devices=devices, batch_tokens=batch_tokens,
+                             llep=LLEPConfig(lam=lam, alpha=alpha, min_chunk=min_chunk, gate=gate), model=model)
+    except RoutelabError as err:
+        _fail(err)
+    table = Table(title=f"expert parallelism: {report.num_devices} devices, "
+                        f"{report.steps} layer-steps of {report.batch_tokens} tokens")
+    table.add_column("")
+    table.add_column("standard EP", justify="right")
+    table.add_column("LLEP", justify="right")
+    table.add_row("max/mean device load", f"{report.max_mean_load:.3f}", f"{report.max_mean_load_llep:.3f}")
+    per_step = 1e3 / report.steps
+    table.add_row("step time (ms, mean)", f"{report.time_s * per_step:.3f}", f"{report.time_s_llep * per_step:.3f}")
+    table.add_row("all-to-all MB per rank", f"{report.a2a_bytes_per_rank / 1e6:.2f}",
+                  f"{report.a2a_bytes_per_rank_llep / 1e6:.2f}")
+    table.add_row("weights moved MB per step", "0", f"{report.weight_bytes_per_step_llep / 1e6:.1f}")
+    table.add_row("per-device load", " ".join(f"{v:.0f}" for v in report.device_loads),
+                  " ".join(f"{v:.0f}" for v in report.device_loads_llep))
+    console.print(table)
+    console.print(f"LLEP speed-up {report.speedup:.2f}x; LLEP applied in {report.llep_applied_fraction:.0%} of steps.")
+
+
+def simulate_schedule_command(
+    trace_path: Path = typer.Argument(..., help="Trace directory."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items per batch."),
+    unit: str = typer.Option("sequence", "--unit", help="sequence (decode) or token (prefill)."),
+    pool_size: int | None = typer.Option(None, "--pool", help="Items the scheduler may reorder at once."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
+) -> None:
+    """ExpertFlow-style regrouping of queued work into batches that activate fewer experts."""
+    console = Console()
+    from routelab.systems.scheduling import schedule_trace
+
+    try:
+        result = schedule_trace(_open_trace(trace_path, max_tokens), batch_size, unit=unit, pool_size=pool_size)
+    except RoutelabError as err:
+        _fail(err)
+    console.print(
+        f"{len(result.batches)} batches of {batch_size} {unit}s: distinct experts per batch and layer "
+        f"{result.arrival_experts_per_batch_layer:.2f} in arrival order -> {result.experts_per_batch_layer:.2f} "
+        f"scheduled ({result.reduction:.1%} fewer)."
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace_command)
+    app.command("analyze")(analyze_command)
+    simulate = typer.Typer(help="Serving simulations from a routing trace.", no_args_is_help=True)
+    simulate.command("cache")(simulate_cache_command)
+    simulate.command("ep")(simulate_ep_command)
+    simulate.command("schedule")(simulate_schedule_command)
+    app.add_typer(simulate, name="simulate")

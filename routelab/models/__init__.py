@@ -1,0 +1,1 @@
+"""Models: TinyLM and adapters for pretrained models (``routelab.models.hf``)."""

@@ -1,0 +1,91 @@
+"""The Soft MoE layer (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts",
+arXiv 2308.00951): experts process *slots*, soft combinations of a sequence's tokens.
+
+``routelab.MoE(..., router="soft-moe")`` returns a ``SoftMoE`` (same constructor, same
+``forward`` signature, same ``MoEOutput``). Per sequence:
+
+1. slot logits ``L = x Phi`` (``[S, E*p]``, from ``SoftRouter``);
+2. dispatch ``D = softmax over the real tokens`` of each slot column; slot inputs
+   ``x~ = D^T x`` (``[E*p, D]``);
+3. expert ``e`` runs on its ``p`` slots (all sequences batched into one grouped GEMM);
+4. combine ``C = softmax over slots`` of each token row; ``y = C f(x~)``.
+
+Padding tokens get no dispatch weight and a zero output. ``MoEOutput.routing`` holds the
+combine mass of every token on every expert (see ``routelab.routers.soft_routing``).
+Dispatch is non-causal within a sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from routelab.core.context import RoutingContext, TokenBatch
+from routelab.core.errors import ConfigError
+from routelab.core.validation import check_activations, check_token_tensor
+from routelab.moe.layer import MoE, MoEOutput
+from routelab.routers.layout import to_padded
+from routelab.routers.soft_routing import SoftRouter, soft_dispatch_weights
+
+
+class SoftMoE(MoE):
+    """A Soft MoE layer. Arguments as ``routelab.MoE``; the router must be ``"soft-moe"``
+    (options ``slots_per_expert``, ``normalize``) or a ``SoftRouter``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        router = kwargs.get("router", "soft-moe")
+        if not ((isinstance(router, str) and router == "soft-moe") or isinstance(router, SoftRouter)):
+            raise ConfigError(f"SoftMoE needs router='soft-moe' or a SoftRouter, got {router!r}.")
+        if kwargs.get("experts") is not None:
+            raise ConfigError("SoftMoE builds its own experts; experts= is not supported.")
+        kwargs["router"] = router
+        super().__init__(**kwargs)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        *,
+        timestep: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
+        context: RoutingContext | None = None,
+    ) -> MoEOutput:
+        """Run the Soft MoE layer on ``x`` (``[batch, seq, d_model]``); arguments as ``MoE.forward``."""
+        check_activations(x, self.d_model, finite=self.check_inputs)
+        batch_size, seq_len, _ = x.shape
+        check_token_tensor("padding_mask", padding_mask, batch_size, seq_len, dtype_kind="bool")
+        check_token_tensor("token_ids", token_ids, batch_size, seq_len, dtype_kind="int")
+        context = context if context is not None else RoutingContext()
+        padding_mask = padding_mask if padding_mask is not None else context.padding_mask
+        token_ids = token_ids if token_ids is not None else context.token_ids
+        batch = TokenBatch.from_mask(batch_size, seq_len, padding_mask, device=x.device, token_ids=token_ids, context=context)
+        x_flat = x.reshape(batch_size * seq_len, self.d_model)
+        x_TD = x_flat.index_select(0, batch.flat_index_T) if batch.has_padding else x_flat
+        assert isinstance(self.router, SoftRouter)
+        soft = self.router.route_slots(x_TD, batch)
+        y_TD = self.soft_mixture(x_TD, soft.slot_logits_TN, batch)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        y = to_padded(y_TD, batch).view(batch_size, seq_len, self.d_model)
+        return MoEOutput(y=y, routing=soft.routing, aux_loss=soft.routing.aux_loss)
+
+    def soft_mixture(self, x_TD: torch.Tensor, slot_logits_TN: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """``y_t = sum_s C_ts f_{e(s)}(sum_u D_us x_u)`` within each sequence (real tokens only)."""
+        dtype = x_TD.dtype
+        num_slots = slot_logits_TN.shape[1]
+        dispatch_BSN = soft_dispatch_weights(slot_logits_TN, batch).to(dtype)
+        combine_BSN = to_padded(torch.softmax(slot_logits_TN, dim=-1).to(dtype), batch)
+        slots_BND = torch.bmm(dispatch_BSN.transpose(1, 2), to_padded(x_TD, batch))
+        # Slot s belongs to expert s // p: expert-major rows are [N, B] flattened.
+        rows_ND = slots_BND.transpose(0, 1).reshape(num_slots * batch.batch_size, self.d_model)
+        per_expert = self.router.slots_per_expert * batch.batch_size
+        counts_E = torch.full((self.num_experts,), per_expert, dtype=torch.long, device=x_TD.device)
+        out_ND = self.experts.forward_sorted(rows_ND, counts_E)
+        out_BND = out_ND.view(num_slots, batch.batch_size, self.d_model).transpose(0, 1).to(dtype)
+        y_BSD = torch.bmm(combine_BSN, out_BND)
+        return y_BSD.reshape(-1, self.d_model).index_select(0, batch.flat_index_T)
