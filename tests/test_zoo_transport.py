@@ -241,7 +241,7 @@ def test_base_hungarian_solver_and_warm_start():
     torch.manual_seed(13)
     router = create_router("base", d_model=8, num_experts=4, base_solver="hungarian").train()
     x = torch.randn(16, 8)
-    auction_router = create_router("base", d_model=8, num_experts=4, auction_eps=1e-6)
+    auction_router = create_router("base", d_model=8, num_experts=4, auction_eps=1e-6, warm_start=True)
     auction_router.load_state_dict(router.state_dict())
     assert torch.equal(router(x).topk_idx, auction_router.train()(x).topk_idx)
     selector = auction_router.selector

@@ -19,9 +19,11 @@ assignment; on a single worker that shuffle does not change the assignment and i
 done. ``top_k > 1`` (not in the paper) gives each token ``k`` distinct experts with every
 expert holding exactly ``T*k/E`` tokens.
 
-The auction can be warm-started from the prices of the previous optimizer step (buffer
-``prices``, updated in ``end_of_step``); the assignment it returns is eps-optimal either
-way, the warm start only shortens the bidding.
+The auction starts from prices estimated by an entropic relaxation of the batch's own
+problem. It can instead be warm-started from the prices of the previous optimizer step
+(``warm_start=True``; buffer ``prices``, updated in ``end_of_step``). The assignment is
+eps-optimal either way; on random batches the previous step's prices did not shorten the
+bidding (bench/transport_routers.py), so the warm start is off by default.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
         auction_max_rounds: rounds before the auction's approximate finish.
         auction_init: cold-start prices: ``sinkhorn`` (entropic relaxation) or ``zero``
             (eps-scaling from zero prices).
-        warm_start: start the auction from the previous step's prices.
+        warm_start: start the auction from the previous step's prices (off by default).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
         auction_eps: float = 0.02,
         auction_max_rounds: int = 200,
         auction_init: str = "sinkhorn",
-        warm_start: bool = True,
+        warm_start: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -108,7 +110,7 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
                 init=self.auction_init,
             )
             topk_idx_TK = result.topk_idx_TK
-            if self.solver == "auction" and draft.num_tokens:
+            if self.solver == "auction" and self.warm_start and draft.num_tokens:
                 with torch.no_grad():
                     self.pending_prices.copy_(result.prices_E - result.prices_E.min())
                     self.has_pending.fill_(True)

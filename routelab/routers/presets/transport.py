@@ -27,7 +27,7 @@ def build_base(
     auction_eps: float = 0.02,
     auction_max_rounds: int = 200,
     auction_init: str = "sinkhorn",
-    warm_start: bool = True,
+    warm_start: bool = False,
     centroid_init_gain: float = 0.1,
 ) -> Router:
     """BASE layers. Training assigns exactly ``T*k/E`` tokens to every expert by an
@@ -36,7 +36,8 @@ def build_base(
     O(T^3), for small batches). Evaluation takes the greedy top-k. The gate is
     ``sigmoid(x . c_e)``; centroids start orthogonal with gain 0.1. The auction starts from
     the prices of an entropic relaxation (``auction_init='sinkhorn'``; ``'zero'`` runs
-    eps-scaling from zero prices) or, with ``warm_start``, from the previous step's prices.
+    eps-scaling from zero prices) or, with ``warm_start=True``, from the previous step's
+    prices.
     """
     if common.aux_loss_coef or common.seq_aux_loss_coef:
         raise ConfigError("router 'base' balances by assignment and takes no balance loss; set aux_loss_coef=0.")
