@@ -121,7 +121,7 @@ def build_ssr(
     sinkhorn_iters: int = 100,
     seed: int | None = None,
 ) -> Router:
-    """Selective Sinkhorn Routing [paper; several details recon, see docs/routers-zoo-ot.md].
+    """Selective Sinkhorn Routing [paper; several details recon, see docs/routers-transport-balancing-geometry-relu.md].
 
     With probability ``p_sel`` a training forward solves ``max <Pi,C> - xi <Pi,log Pi>``
     (rows sum to 1, columns to T/E; ``C = softmax(z)`` or the logits, ``ssr_cost``) and
