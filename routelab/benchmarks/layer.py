@@ -144,14 +144,20 @@ def run_layer_benchmark(
     return rows
 
 
-def causal_uniform_attention(tokens: int) -> torch.Tensor:
-    """``[1, T, T]``: each token attends uniformly to itself and the tokens before it."""
-    causal = torch.ones(tokens, tokens).tril()
-    return (causal / causal.sum(dim=1, keepdim=True)).unsqueeze(0)
+def causal_uniform_attention(seq_len: int, batch: int = 1) -> torch.Tensor:
+    """``[B, S, S]``: each token attends uniformly to itself and the tokens before it."""
+    causal = torch.ones(seq_len, seq_len).tril()
+    return (causal / causal.sum(dim=1, keepdim=True)).unsqueeze(0).expand(batch, -1, -1)
 
 
-def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed: int = 0) -> dict[str, float]:
-    """Seconds of the router alone and of the whole layer (forward+backward, fp32)."""
+def time_router_share(
+    router: str, shape: Shape, tokens: int, repeats: int, seed: int = 0, seq_len: int | None = None
+) -> dict[str, float]:
+    """Seconds of the router alone and of the whole layer (forward+backward, fp32).
+
+    The ``tokens`` are ``tokens // seq_len`` sequences of ``seq_len`` (one sequence when
+    ``seq_len`` is None); routers that compare or mix tokens within a sequence depend on it.
+    """
     from routelab.core.context import RoutingContext, TokenBatch
     from routelab.routers.registry import preset_info
 
@@ -159,10 +165,15 @@ def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed
     layer = MoE(
         d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts, top_k=shape.top_k, router=router
     )
-    x = torch.randn(1, tokens, shape.d_model, requires_grad=True)
-    token_ids = torch.randint(0, 50_000, (1, tokens))
-    attention = causal_uniform_attention(tokens) if preset_info(router).needs_attention else None
-    batch = TokenBatch.from_mask(1, tokens, None, token_ids=token_ids, context=RoutingContext(attention=attention))
+    seq_len = min(seq_len or tokens, tokens)
+    num_seqs = max(1, tokens // seq_len)
+    x = torch.randn(num_seqs, seq_len, shape.d_model, requires_grad=True)
+    token_ids = torch.randint(0, 50_000, (num_seqs, seq_len))
+    attention = causal_uniform_attention(seq_len, num_seqs) if preset_info(router).needs_attention else None
+    batch = TokenBatch.from_mask(
+        num_seqs, seq_len, None, token_ids=token_ids, context=RoutingContext(attention=attention)
+    )
+    x_TD = x.reshape(-1, shape.d_model)
 
     def run_layer() -> None:
         out = layer(x, token_ids=token_ids, attention=attention)
@@ -170,7 +181,7 @@ def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed
         layer.zero_grad(set_to_none=True)
 
     def run_router() -> None:
-        routing = layer.router(x[0], batch)
+        routing = layer.router(x_TD, batch)
         loss = routing.topk_weight.sum() + routing.aux_loss
         if loss.requires_grad:
             loss.backward()
@@ -180,25 +191,40 @@ def time_router_share(router: str, shape: Shape, tokens: int, repeats: int, seed
 
 
 def run_router_cost_benchmark(
-    names: list[str] | None, shape_names: list[str], *, tokens: int, repeats: int, console: Console | None = None
+    names: list[str] | None,
+    shape_names: list[str],
+    *,
+    tokens: int,
+    repeats: int,
+    seq_len: int | None = 1024,
+    console: Console | None = None,
 ) -> list[dict[str, object]]:
     """Print and return each router's own cost as a fraction of its layer's time."""
+    from rich.progress import Progress
+
     from routelab.routers.registry import PRESETS
 
     console = console or Console()
     names = names or PRESETS.names()
     rows = []
-    table = Table(title=f"Router cost as a share of MoE layer time (fp32 fwd+bwd, {tokens} tokens)")
+    layout = f"{max(1, tokens // min(seq_len or tokens, tokens))} x {min(seq_len or tokens, tokens)}"
+    table = Table(title=f"Router cost as a share of MoE layer time (fp32 fwd+bwd, {tokens} tokens = {layout})")
     for col in ("router", *(f"{s} share" for s in shape_names), *(f"{s} layer ms" for s in shape_names)):
         table.add_column(col, justify="right")
-    for name in names:
-        row: dict[str, object] = {"router": name}
-        for shape_name in shape_names:
-            shape = shape_by_name(shape_name)
-            t = time_router_share(name, shape, tokens, repeats)
-            row[f"{shape_name}_share"] = t["router"] / t["layer"]
-            row[f"{shape_name}_layer_ms"] = t["layer"] * 1e3
-        rows.append(row)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing routers", total=len(names) * len(shape_names))
+        for name in names:
+            row: dict[str, object] = {"router": name}
+            for shape_name in shape_names:
+                progress.update(task, description=f"{name} ({shape_name})")
+                shape = shape_by_name(shape_name)
+                t = time_router_share(name, shape, tokens, repeats, seq_len=seq_len)
+                row[f"{shape_name}_share"] = t["router"] / t["layer"]
+                row[f"{shape_name}_layer_ms"] = t["layer"] * 1e3
+                progress.advance(task)
+            rows.append(row)
+    for row in rows:
+        name = row["router"]
         table.add_row(
             name,
             *(f"{row[f'{s}_share']:.1%}" for s in shape_names),

@@ -41,6 +41,7 @@ def bench_command(
     shapes: str = typer.Option("coarse,fine", "--shapes", help="Comma-separated shapes: coarse (E=8,k=2,h=1024), fine (E=64,k=8,h=128)."),
     dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="Comma-separated dtypes."),
     tokens: int = typer.Option(4096, "--tokens", help="Tokens per forward."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Sequence length for the router-cost table (tokens = batch x seq_len)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed repetitions (the median is reported)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repeats (a smoke run)."),
 ) -> None:
@@ -54,7 +55,7 @@ def bench_command(
     dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
     if routers.strip() == "all" or "," in routers:
         names = None if routers.strip() == "all" else [r.strip() for r in routers.split(",")]
-        run_router_cost_benchmark(names, shape_names, tokens=tokens, repeats=repeats, console=console)
+        run_router_cost_benchmark(names, shape_names, tokens=tokens, repeats=repeats, seq_len=seq_len, console=console)
     else:
         run_layer_benchmark(routers.strip(), shape_names, dtype_names, tokens=tokens, repeats=repeats, console=console)
 

@@ -1,6 +1,6 @@
 """ReXMoE cross-layer expert reuse with PSR, and condenser experts with bias-driven
 sparsification (spec §13). DeepSeekMoE shared experts are a layer option
-(``routelab.MoE(num_shared_experts=...)``); see docs/routers-zoo-dyn.md for the recipes."""
+(``routelab.MoE(num_shared_experts=...)``); see docs/routers-dynamic-recurrent-graph-entropy-soft.md for the recipes."""
 
 from __future__ import annotations
 
