@@ -7,7 +7,7 @@ import torch
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.models.tinylm import CausalSelfAttention, TinyLM, TinyLMConfig, rotary_tables
-from routelab.routers.registry import create_router
+from routelab.routers.registry import PRESETS, create_router, list_routers, preset_info
 
 FOUNDATION_PRESETS = (
     "switch", "gshard", "mixtral", "topk", "noisy-topk", "deepseek-v3", "loss-free", "expert-choice", "hash",
@@ -56,6 +56,17 @@ def test_trains_and_loss_decreases_on_a_fixed_batch(router):
     out = model(*fixed_batch())
     assert len(out.routings) == (0 if router == "dense" else 2)
     assert float(out.loss.detach()) == pytest.approx(float((out.lm_loss + out.aux_loss).detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("router", [r["name"] for r in list_routers() if r["name"] not in FOUNDATION_PRESETS])
+def test_every_registered_preset_runs_in_tinylm(router):
+    """Whatever the registry holds trains inside TinyLM (the lab compares any of them)."""
+    info = preset_info(router)
+    torch.manual_seed(0)
+    top_k = max(info.min_top_k, min(info.default_top_k, 2))
+    model = TinyLM(tiny(router=router, top_k=top_k, num_experts=8))
+    losses = train_steps(model, steps=15)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
 def test_aux_loss_is_the_sum_of_layer_losses():
@@ -142,6 +153,15 @@ def test_attention_is_passed_only_to_routers_that_need_it():
     )
     model(inputs)
     assert seen[0] is None  # layer 0's router does not ask for attention
+
+
+def test_presets_registered_as_attention_aware_get_attention():
+    names = [info.name for info in PRESETS if getattr(info, "needs_attention", False)]
+    if not names:
+        pytest.skip("no preset in this registry reads attention")
+    model = TinyLM(tiny(router=names[0], top_k=2))
+    assert all(block.needs_attention for block in model.blocks)
+    assert not any(block.needs_attention for block in TinyLM(tiny(router="mixtral", top_k=2)).blocks)
 
 
 def test_explicit_attention_equals_fused_attention():
