@@ -38,6 +38,16 @@ def test_train_resume_and_errors(corpus_dir, tmp_path):
     assert runner.invoke(app, ["train", "--router", "nope", *TINY_FLAGS]).exit_code == 2
 
 
+def test_train_on_one_file_cut_into_documents(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("".join(f"Line {i}: the king speaks of the night and the crown.\n" for i in range(600)))
+    args = ["train", "--router", "hash", "--steps", "2", "--out", str(tmp_path / "run"), *TINY_FLAGS,
+            "--corpus", str(text), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--chunk-bytes" in refused.output
+    assert runner.invoke(app, [*args, "--chunk-bytes", "4096"]).exit_code == 0
+
+
 def test_compare_with_file_and_flags(corpus_dir, tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text(

@@ -151,6 +151,7 @@ CKPT_EVERY = typer.Option(None, "--checkpoint-every", help="Steps between checkp
 CORPUS = typer.Option(None, "--corpus", help="'default' (drama + Python code) or a folder of text files / one file.")
 MAX_BYTES = typer.Option(None, "--max-bytes-per-domain", help="Cap on the bytes read per domain.")
 VOCAB = typer.Option(None, "--vocab-size", help="BPE vocabulary size.")
+CHUNK = typer.Option(None, "--chunk-bytes", help="Files larger than this are cut into documents of this size.")
 CACHE = typer.Option(None, "--cache-dir", help="Prepared-corpus cache (default $ROUTELAB_CACHE or .cache/routelab).")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
 THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle right now).")
@@ -173,6 +174,7 @@ def train_command(
     corpus: Optional[str] = CORPUS,
     max_bytes_per_domain: Optional[int] = MAX_BYTES,
     vocab_size: Optional[int] = VOCAB,
+    chunk_bytes: Optional[int] = CHUNK,
     d_model: Optional[int] = D_MODEL,
     n_layers: Optional[int] = N_LAYERS,
     n_heads: Optional[int] = N_HEADS,
@@ -208,7 +210,7 @@ def train_command(
         precision=precision, eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed,
     ), "training options")
     corpus_settings = validated(CorpusSettings, given(source=corpus, max_bytes_per_domain=max_bytes_per_domain,
-                                                      vocab_size=vocab_size), "corpus options")
+                                                      vocab_size=vocab_size, chunk_bytes=chunk_bytes), "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
     apply_threads(threads)
     check_routers(ExperimentConfig(routers=[entry], model=model))
@@ -239,6 +241,7 @@ def compare_command(
     corpus: Optional[str] = CORPUS,
     max_bytes_per_domain: Optional[int] = MAX_BYTES,
     vocab_size: Optional[int] = VOCAB,
+    chunk_bytes: Optional[int] = CHUNK,
     d_model: Optional[int] = D_MODEL,
     n_layers: Optional[int] = N_LAYERS,
     n_heads: Optional[int] = N_HEADS,
@@ -270,7 +273,8 @@ def compare_command(
         "model": model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared_experts),
         "train": given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
                        eval_every=eval_every),
-        "corpus": given(source=corpus, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size),
+        "corpus": given(source=corpus, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size,
+                        chunk_bytes=chunk_bytes),
         "tost": given(margin=margin),
     }
     overrides.update({k: v for k, v in sections.items() if v})

@@ -225,7 +225,7 @@ def split_documents(documents: list[Document], val_fraction: float) -> dict[str,
         if len(docs) < 2:
             raise InputError(
                 f"domain {domain!r} has a single document ({docs[0].name!r}), which cannot be split into training "
-                "and validation; add files or lower chunk_bytes so that large files are cut into pieces."
+                "and validation; add files or lower chunk_bytes (--chunk-bytes) so that large files are cut into pieces."
             )
         num_val = sum(1 for d in docs if split_fraction(d.name) < val_fraction)
         num_val = min(max(num_val, 1), len(docs) - 1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,20 +95,36 @@ class ExperimentConfig(Settings):
         return self.folder / f"{entry.key}-seed{seed}"
 
 
+def toml_module():  # noqa: ANN201 - a module
+    """``tomllib`` (Python 3.11+) or, before 3.11, ``tomli`` when installed."""
+    try:
+        import tomllib
+
+        return tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli
+
+            return tomli
+        except ModuleNotFoundError:
+            raise ConfigError("TOML experiment files need Python 3.11+ (or `pip install tomli`); use YAML instead.") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a ``.yaml``/``.yml``/``.toml`` experiment file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist.")
     text = path.read_text()
+    toml = toml_module() if path.suffix == ".toml" else None
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
+        if toml is not None:
+            data = toml.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
         else:
             raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+    except (yaml.YAMLError, ValueError) as error:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r} must hold a mapping of settings (name, routers, seeds, model, train, ...).")
