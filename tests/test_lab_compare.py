@@ -187,7 +187,10 @@ def test_experiment_files_and_errors(tmp_path):
         load_experiment({"routers": ["mixtral"], "baseline": "hash"})
     with pytest.raises(ConfigError, match="lists no routers"):
         load_experiment({})
-    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+    (tmp_path / "broken.yaml").write_text("routers: [mixtral\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_experiment(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match=r"^experiment file .* must end in \.yaml, \.yml or \.toml"):
         (tmp_path / "exp.json").write_text("{}")
         load_experiment(tmp_path / "exp.json")
 

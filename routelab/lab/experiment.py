@@ -115,15 +115,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist.")
+    if path.suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
     text = path.read_text()
-    toml = toml_module() if path.suffix == ".toml" else None
     try:
-        if toml is not None:
-            data = toml.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
+        data = toml_module().loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as error:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
     if not isinstance(data, dict):
