@@ -26,7 +26,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 
-from routelab.core.errors import ConfigError, InputError
+from routelab.core.errors import ConfigError
 from routelab.lab.config import DENSE, CorpusSettings, ModelSettings, RouterEntry, Settings, TrainConfig, validated
 from routelab.lab.data import PreparedCorpus, prepare_corpus
 from routelab.lab.train import RunFiles, train_run
@@ -234,16 +234,3 @@ def train_one(
                 f"{str(config.folder)!r}: use another name (--name) or delete that folder."
             ) from None
         raise
-
-
-def experiment_runs(config: ExperimentConfig) -> list[dict[str, Any]]:
-    """The finished runs of ``config`` found on disk (for re-writing a report without training)."""
-    runs = []
-    for seed in config.seeds:
-        for entry in config.routers:
-            folder = config.run_folder(entry, seed)
-            if not RunFiles(folder).finished():
-                raise InputError(f"run {str(folder)!r} is not finished; run the comparison to complete it.")
-            summary = json.loads(RunFiles(folder).summary.read_text())
-            runs.append({"key": entry.key, "router": entry.name, "seed": seed, "folder": str(folder), "summary": summary})
-    return runs
