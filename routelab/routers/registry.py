@@ -80,7 +80,9 @@ class PresetInfo:
             with the reason (keys: ``token_permutation`` — permuting positions within
             sequences and the order of sequences permutes the routing;
             ``padding_invariance`` — padding never changes real tokens' routing;
-            ``capacity_factor`` — the preset honours a token-dropping capacity).
+            ``capacity_factor`` — the preset honours a token-dropping capacity;
+            ``weights_sum_to_one`` — why the gates need not sum to 1 (the test checks
+            every router whose gate normalisation is ``renorm``)).
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
         needs_attention: the router reads the attention matrix (``attention=`` of the layer).

@@ -29,8 +29,6 @@ def default_k_range(top_k: int, num_experts: int) -> tuple[int, int]:
     default_top_k=2,
     common_defaults={"capacity_factor": 1.0, "z_loss_coef": 1e-3},
     exemptions={
-        "token_permutation": "experts compare tokens within a sequence: holds for permutations inside one "
-        "sequence, not across sequences",
         "weights_sum_to_one": "a token picked by no expert has no weight; norm matching rescales the gates",
     },
 )
