@@ -9,6 +9,7 @@ immutable-by-convention ``Routing`` that dispatch and metrics consume.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,51 +59,57 @@ class RoutingDraft:
         return self.scores_TE / self.scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-class StatefulPart(nn.Module):
+class StatefulPart(nn.Module, ABC):
     """A part with state that must be updated exactly once per optimizer step."""
 
-    def end_of_step(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def end_of_step(self) -> None:
+        ...
 
 
-class Scorer(nn.Module):
+class Scorer(nn.Module, ABC):
     """``x_TD`` (fp32) -> ``logits_TE`` (fp32)."""
 
-    def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
+        ...
 
 
-class ScoreFunction(nn.Module):
+class ScoreFunction(nn.Module, ABC):
     """``logits_TE`` -> ``scores_TE``."""
 
     probabilities: bool = False  # True when the scores already sum to 1 per token
 
-    def forward(self, logits_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, logits_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
+        ...
 
 
-class Selector(nn.Module):
+class Selector(nn.Module, ABC):
     """Reads the draft, returns ``(topk_idx_TK, gate_TK)`` with ``-1``/0 in empty slots.
 
     ``gate_TK`` are raw gate values before gate normalisation (normally the unbiased
     scores at the selected experts).
     """
 
-    def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
 
 
 class Balancer(StatefulPart):
     """A stateful bias that changes which experts are selected but never the gate values."""
 
-    def selection_scores(self, scores_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def selection_scores(self, scores_TE: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
+        ...
 
-    def observe(self, draft: RoutingDraft) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def observe(self, draft: RoutingDraft) -> None:
+        ...
 
 
-class RouterLoss(nn.Module):
+class RouterLoss(nn.Module, ABC):
     """A named auxiliary loss with a coefficient; ``forward`` returns the unweighted scalar."""
 
     def __init__(self, name: str, coef: float) -> None:
@@ -110,8 +117,9 @@ class RouterLoss(nn.Module):
         self.name = name
         self.coef = float(coef)
 
-    def forward(self, draft: RoutingDraft) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, draft: RoutingDraft) -> torch.Tensor:
+        ...
 
 
 class Router(nn.Module):
