@@ -62,7 +62,10 @@ def trace_command(
         ..., "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Trace directory to write (e.g. runs/x/val.trace)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence (documents are cut into pieces)."),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per sequence (documents are cut into pieces); default: the model's "
+        "max_seq_len (256 for transformers checkpoints)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
     device: str = typer.Option("cpu", "--device", help="torch device to run the model on."),
@@ -75,7 +78,7 @@ def trace_command(
     if hf:
         from routelab.commands.hf import trace_and_summarise
 
-        return trace_and_summarise(str(checkpoint), corpus, out, seq_len=seq_len, batch_size=batch_size,
+        return trace_and_summarise(str(checkpoint), corpus, out, seq_len=seq_len or 256, batch_size=batch_size,
                                    max_tokens=max_tokens, device=device, resume=resume, overwrite=overwrite)
     from routelab.traces import TraceRecorder, TraceWriter
     from routelab.traces.corpus import corpus_description, encoder_of, parse_corpus, record_corpus, token_sequences
@@ -86,6 +89,7 @@ def trace_command(
         model, tokenizer, ckpt_meta = load_checkpoint(checkpoint)
         model = model.to(device).eval()
         limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        seq_len = seq_len or limit or 256
         if limit is not None and seq_len > limit:
             raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len={limit}.")
         source = ModuleRoutingSource(model)
