@@ -75,3 +75,13 @@ def tiny_batch(batch: int = 2, seq: int = 9, seed: int = 1, padded: bool = False
         mask[1, :3] = 0
         input_ids[1, :3] = 0
     return input_ids, mask
+
+
+class KeepCalls:
+    """A router observer that keeps every ``RouterCall`` it receives, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_router_call(self, call):
+        self.calls.append(call)

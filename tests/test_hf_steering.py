@@ -14,17 +14,9 @@ import torch
 
 from routelab.core.errors import ConfigError
 from routelab.models.hf import activation_rates, attach, risk_difference, steer, top_experts
-from tests.hf_tiny import ARCH_NAMES, tiny_batch, tiny_model
+from tests.hf_tiny import ARCH_NAMES, KeepCalls, tiny_batch, tiny_model
 
 pytest.importorskip("transformers")
-
-
-class KeepCalls:
-    def __init__(self):
-        self.calls = []
-
-    def on_router_call(self, call):
-        self.calls.append(call)
 
 
 def routed(handle, ids, mask):

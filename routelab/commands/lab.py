@@ -164,6 +164,12 @@ def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hid
     )
 
 
+def corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes) -> dict[str, Any]:
+    return given(
+        source=corpus, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size, chunk_bytes=chunk_bytes
+    )
+
+
 @friendly_errors
 def train_command(
     router: str = typer.Option("mixtral", "--router", help="Router preset (routelab list), or 'dense'."),
@@ -209,8 +215,8 @@ def train_command(
         steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         precision=precision, eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed,
     ), "training options")
-    corpus_settings = validated(CorpusSettings, given(source=corpus, max_bytes_per_domain=max_bytes_per_domain,
-                                                      vocab_size=vocab_size, chunk_bytes=chunk_bytes), "corpus options")
+    corpus_settings = validated(CorpusSettings, corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
+                                "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
     apply_threads(threads)
     check_routers(ExperimentConfig(routers=[entry], model=model))
@@ -273,8 +279,7 @@ def compare_command(
         "model": model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared_experts),
         "train": given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
                        eval_every=eval_every),
-        "corpus": given(source=corpus, max_bytes_per_domain=max_bytes_per_domain, vocab_size=vocab_size,
-                        chunk_bytes=chunk_bytes),
+        "corpus": corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
         "tost": given(margin=margin),
     }
     overrides.update({k: v for k, v in sections.items() if v})

@@ -41,6 +41,19 @@ def colours(keys: list[str]) -> dict[str, tuple]:
     return {key: cmap(i % cmap.N) for i, key in enumerate(keys)}
 
 
+def save_line_plot(fig: plt.Figure, ax: plt.Axes, path: Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_val_loss(records: list[RunRecord], path: Path) -> Path:
     groups = by_router(records)
     palette = colours(list(groups))
@@ -57,15 +70,9 @@ def plot_val_loss(records: list[RunRecord], path: Path) -> Path:
         length = min(len(y) for _, y in curves)
         mean = np.mean([y[:length] for _, y in curves], axis=0)
         ax.plot(curves[0][0][:length], mean, color=palette[key], linewidth=2, label=key)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_line_plot(
+        fig, ax, path, xlabel="training tokens", ylabel="validation loss (nats/token)", title="Validation loss"
+    )
 
 
 def plot_max_vio(records: list[RunRecord], path: Path) -> Path | None:
@@ -85,16 +92,11 @@ def plot_max_vio(records: list[RunRecord], path: Path) -> Path | None:
         smooth = moving_average(mean, window)
         ax.plot(series[0][0][:length][window - 1 :] if window > 1 else series[0][0][:length], smooth,
                 color=palette[key], label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MaxVio per batch (mean over layers)")
     ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_title("Load imbalance during training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_line_plot(
+        fig, ax, path, xlabel="optimizer step", ylabel="MaxVio per batch (mean over layers)",
+        title="Load imbalance during training",
+    )
 
 
 def plot_fluctuation(records: list[RunRecord], path: Path) -> Path | None:
@@ -111,15 +113,10 @@ def plot_fluctuation(records: list[RunRecord], path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("share of (token, layer) expert sets changed")
-    ax.set_title("Routing fluctuation on the probe batch (since the previous evaluation)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_line_plot(
+        fig, ax, path, xlabel="optimizer step", ylabel="share of (token, layer) expert sets changed",
+        title="Routing fluctuation on the probe batch (since the previous evaluation)",
+    )
 
 
 def plot_expert_load(records: list[RunRecord], path: Path) -> Path | None:

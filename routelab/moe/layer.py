@@ -156,6 +156,26 @@ class MoE(nn.Module):
             context: a ``RoutingContext`` shared by the model's MoE layers; the arguments
                 above, when given, take precedence over its fields.
         """
+        x_TD, batch = self.real_tokens(
+            x, padding_mask, token_ids, timestep=timestep, attention=attention, context=context
+        )
+        routing = self.router(x_TD, batch)
+        y_TD = dispatch_combine(x_TD, routing.topk_idx, routing.topk_weight, self.experts)
+        y_TD = self.add_shared_experts(x_TD, y_TD)
+        return MoEOutput(y=self.padded_output(y_TD, batch), routing=routing, aux_loss=routing.aux_loss)
+
+    def real_tokens(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        token_ids: torch.Tensor | None,
+        *,
+        timestep: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
+        context: RoutingContext | None = None,
+    ) -> tuple[torch.Tensor, TokenBatch]:
+        """Check the inputs of ``forward`` and flatten ``x`` to its real tokens ``[T, d_model]``,
+        with the ``TokenBatch`` describing them (arguments as ``forward``)."""
         check_activations(x, self.d_model, finite=self.check_inputs)
         batch_size, seq_len, _ = x.shape
         check_token_tensor("padding_mask", padding_mask, batch_size, seq_len, dtype_kind="bool")
@@ -176,16 +196,21 @@ class MoE(nn.Module):
         )
         x_flat = x.reshape(batch_size * seq_len, self.d_model)
         x_TD = x_flat.index_select(0, batch.flat_index_T) if batch.has_padding else x_flat
-        routing = self.router(x_TD, batch)
-        y_TD = dispatch_combine(x_TD, routing.topk_idx, routing.topk_weight, self.experts)
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+        return x_TD, batch
+
+    def add_shared_experts(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """``y_TD`` plus the (optionally sigmoid-gated) output of the shared experts, if any."""
+        if self.shared_experts is None:
+            return y_TD
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD + shared_TD
+
+    def padded_output(self, y_TD: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """Per-token outputs back in the ``[batch, seq, d_model]`` layout, zeros at padding."""
+        y_flat = y_TD
         if batch.has_padding:
-            y_flat = y_TD.new_zeros(batch_size * seq_len, self.d_model).index_copy(0, batch.flat_index_T, y_TD)
-        else:
-            y_flat = y_TD
-        y = y_flat.view(batch_size, seq_len, self.d_model)
-        return MoEOutput(y=y, routing=routing, aux_loss=routing.aux_loss)
+            y_flat = y_TD.new_zeros(batch.batch_size * batch.seq_len, self.d_model)
+            y_flat = y_flat.index_copy(0, batch.flat_index_T, y_TD)
+        return y_flat.view(batch.batch_size, batch.seq_len, self.d_model)

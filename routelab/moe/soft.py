@@ -23,7 +23,6 @@ import torch
 
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
-from routelab.core.validation import check_activations, check_token_tensor
 from routelab.moe.layer import MoE, MoEOutput
 from routelab.routers.layout import to_padded
 from routelab.routers.soft_routing import SoftRouter, soft_dispatch_weights
@@ -53,26 +52,11 @@ class SoftMoE(MoE):
         context: RoutingContext | None = None,
     ) -> MoEOutput:
         """Run the Soft MoE layer on ``x`` (``[batch, seq, d_model]``); arguments as ``MoE.forward``."""
-        check_activations(x, self.d_model, finite=self.check_inputs)
-        batch_size, seq_len, _ = x.shape
-        check_token_tensor("padding_mask", padding_mask, batch_size, seq_len, dtype_kind="bool")
-        check_token_tensor("token_ids", token_ids, batch_size, seq_len, dtype_kind="int")
-        context = context if context is not None else RoutingContext()
-        padding_mask = padding_mask if padding_mask is not None else context.padding_mask
-        token_ids = token_ids if token_ids is not None else context.token_ids
-        batch = TokenBatch.from_mask(batch_size, seq_len, padding_mask, device=x.device, token_ids=token_ids, context=context)
-        x_flat = x.reshape(batch_size * seq_len, self.d_model)
-        x_TD = x_flat.index_select(0, batch.flat_index_T) if batch.has_padding else x_flat
+        x_TD, batch = self.real_tokens(x, padding_mask, token_ids, context=context)
         assert isinstance(self.router, SoftRouter)
         soft = self.router.route_slots(x_TD, batch)
-        y_TD = self.soft_mixture(x_TD, soft.slot_logits_TN, batch)
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
-        y = to_padded(y_TD, batch).view(batch_size, seq_len, self.d_model)
-        return MoEOutput(y=y, routing=soft.routing, aux_loss=soft.routing.aux_loss)
+        y_TD = self.add_shared_experts(x_TD, self.soft_mixture(x_TD, soft.slot_logits_TN, batch))
+        return MoEOutput(y=to_padded(y_TD, batch), routing=soft.routing, aux_loss=soft.routing.aux_loss)
 
     def soft_mixture(self, x_TD: torch.Tensor, slot_logits_TN: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """``y_t = sum_s C_ts f_{e(s)}(sum_u D_us x_u)`` within each sequence (real tokens only)."""

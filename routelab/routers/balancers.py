@@ -72,20 +72,21 @@ class LossFreeBias(Balancer):
         if self.all_reduce and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
         self.pending_counts.zero_()
-        total = float(counts.sum())
-        if total <= 0:
+        if float(counts.sum()) <= 0:
             return
-        mean = counts.mean()
         self.num_updates += 1
-        if self.step_rule == "sign":
-            step = self.update_rate * torch.sign(mean - counts)
-        else:
-            rate = self.update_rate
-            if self.step_rule == "decaying":
-                rate = rate / float(self.num_updates)
-            step = rate * (mean - counts) / mean
-        self.bias += step
+        self.bias += self.bias_step(counts, counts.mean())
         if self.recenter:
             self.bias -= self.bias.mean()
         if self.clamp > 0:
             self.bias.clamp_(-self.clamp, self.clamp)
+
+    def bias_step(self, counts_E: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The change of ``b`` for the step's expert loads ``counts_E`` (``step_rule``;
+        ``num_updates`` already counts this update)."""
+        if self.step_rule == "sign":
+            return self.update_rate * torch.sign(mean - counts_E)
+        rate = self.update_rate
+        if self.step_rule == "decaying":
+            rate = rate / float(self.num_updates)
+        return rate * (mean - counts_E) / mean

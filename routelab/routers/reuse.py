@@ -29,7 +29,6 @@ As with every balancer the bias changes which experts are selected, never gate v
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_choice, check_non_negative, check_positive_int
@@ -149,22 +148,8 @@ class SparsifyingBias(LossFreeBias):
         self.rule = check_choice("sparsify_rule", rule, SPARSIFY_RULES)
         self.tail_fraction = check_non_negative("tail_fraction", tail_fraction)
 
-    @torch.no_grad()
-    def end_of_step(self) -> None:
-        counts = self.pending_counts.clone()
-        if self.all_reduce and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-        self.pending_counts.zero_()
-        if float(counts.sum()) <= 0:
-            return
-        mean = counts.mean()
-        self.num_updates += 1
+    def bias_step(self, counts_E: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The change of ``b`` for the step's expert loads (``rule``); applied as ``LossFreeBias.end_of_step``."""
         if self.rule == "sign":
-            step = self.update_rate * torch.sign(counts - mean)
-        else:
-            step = -self.update_rate * (counts < self.tail_fraction * mean).float()
-        self.bias += step
-        if self.recenter:
-            self.bias -= self.bias.mean()
-        if self.clamp > 0:
-            self.bias.clamp_(-self.clamp, self.clamp)
+            return self.update_rate * torch.sign(counts_E - mean)
+        return -self.update_rate * (counts_E < self.tail_fraction * mean).float()

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from routelab.routers.base import Router
 from routelab.routers.bip import BIPBalancer
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 
 @register_preset(
@@ -40,13 +37,10 @@ def build_bip(
     (as ``balancer.bias = -q``). Evaluation uses the stored prices unless
     ``bip_eval_iterations``. For a hard capacity add ``capacity_factor``.
     """
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
+    return assemble_router(
+        spec,
+        common,
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
         balancer=BIPBalancer(
             spec.num_experts,
             spec.top_k,
@@ -55,6 +49,4 @@ def build_bip(
             tie_rule=bip_tie_rule,
             eval_iterations=bip_eval_iterations,
         ),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
     )

@@ -5,11 +5,8 @@ from __future__ import annotations
 from routelab.core.validation import check_non_negative
 from routelab.routers.base import Router
 from routelab.routers.coupling import ERCLoss, WeightExposingLinearScorer
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 
 @register_preset(
@@ -37,18 +34,14 @@ def build_erc(
     (``alpha`` 1.0 at E=64, 0.5 at E=256 in the paper). The experts are the layer's
     (attached by ``routelab.MoE``); the coefficient is not given in the paper [recon].
     """
-    losses = standard_losses(common)
-    losses.append(ERCLoss(check_non_negative("erc_loss_coef", erc_loss_coef), alpha=erc_alpha, noise=erc_noise))
+    erc_loss = ERCLoss(check_non_negative("erc_loss_coef", erc_loss_coef), alpha=erc_alpha, noise=erc_noise)
     scorer = WeightExposingLinearScorer(
         spec.d_model, spec.num_experts, init_std=common.router_init_std, jitter_eps=common.jitter_eps
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+    return assemble_router(
+        spec,
+        common,
         scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
+        extra_losses=[erc_loss],
     )

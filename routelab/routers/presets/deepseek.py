@@ -5,10 +5,9 @@ from __future__ import annotations
 from routelab.core.validation import check_non_negative
 from routelab.routers.balancers import LossFreeBias
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Sigmoid, Softmax
+from routelab.routers.score_functions import Sigmoid
 from routelab.routers.selectors import GroupLimitedTopK, TopK
 
 
@@ -56,13 +55,13 @@ def build_deepseek_v3(
         selector = TopK(spec.num_experts, spec.top_k)
     else:
         selector = GroupLimitedTopK(spec.num_experts, spec.top_k, groups, kept_groups)
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
+    return assemble_router(
+        spec,
+        common,
         score_fn=Sigmoid(),
         selector=selector,
-        gate_norm=GateNorm("renorm", check_non_negative("scaling_factor", scaling_factor)),
+        gate_mode="renorm",
+        scaling_factor=check_non_negative("scaling_factor", scaling_factor),
         balancer=LossFreeBias(
             spec.num_experts,
             update_rate=bias_update_rate,
@@ -70,8 +69,6 @@ def build_deepseek_v3(
             recenter=bias_recenter,
             clamp=bias_clamp,
         ),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
     )
 
 
@@ -96,13 +93,10 @@ def build_loss_free(
     probabilities (renormalised for ``top_k > 1`` unless ``normalization`` says otherwise).
     The bias lives on the probability scale, so ``u = 1e-3`` matches the paper.
     """
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
+    return assemble_router(
+        spec,
+        common,
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
         balancer=LossFreeBias(
             spec.num_experts,
             update_rate=bias_update_rate,
@@ -110,6 +104,4 @@ def build_loss_free(
             recenter=bias_recenter,
             clamp=bias_clamp,
         ),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
     )

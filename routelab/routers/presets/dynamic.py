@@ -5,10 +5,8 @@ from __future__ import annotations
 from routelab.core.validation import check_choice, check_non_negative
 from routelab.routers.base import Router
 from routelab.routers.dynamic_k import EntropyLoss, PercentileSelector, TopPSelector
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, standard_losses
+from routelab.routers.presets.common import assemble_router
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
 
 _RAW_GATES = "gates are raw softmax probabilities of the kept experts (not renormalised), as in the paper"
 
@@ -37,17 +35,13 @@ def build_top_p(
     coefficients 1e-4 / 1e-2 are unverified) and the Switch balance loss
     (``aux_loss_coef``). ``top_k`` is only the nominal k of ``capacity_factor``.
     """
-    losses = standard_losses(common)
-    losses.append(EntropyLoss(check_non_negative("dynamic_loss_coef", dynamic_loss_coef)))
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
+    entropy_loss = EntropyLoss(check_non_negative("dynamic_loss_coef", dynamic_loss_coef))
+    return assemble_router(
+        spec,
+        common,
         selector=TopPSelector(spec.num_experts, top_p, max_experts),
-        gate_norm=GateNorm("none"),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode="none",
+        extra_losses=[entropy_loss],
     )
 
 
@@ -77,13 +71,9 @@ def build_dynamoe(
     loss 1e-2 [recon].
     """
     check_choice("normalization", normalization, ("renorm", "none"))
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
+    return assemble_router(
+        spec,
+        common,
         selector=PercentileSelector(spec.num_experts, spec.top_k, percentile, percentile_scope),
-        gate_norm=GateNorm(normalization),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+        gate_mode=normalization,
     )

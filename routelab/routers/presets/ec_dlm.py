@@ -5,10 +5,8 @@ from __future__ import annotations
 from routelab.core.validation import check_choice
 from routelab.routers.base import Router
 from routelab.routers.ec_dlm import TimestepExpertChoice
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import linear_scorer, standard_losses
+from routelab.routers.presets.common import assemble_router
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
 
 # EC-DLM names its gate variants after where the softmax sits; ExpertChoice names them by mode.
 EC_DLM_GATES = {"post-softmax": "post-softmax", "pre-softmax": "softmax", "sigmoid": "sigmoid"}
@@ -70,13 +68,4 @@ def build_ec_dlm(
         norm_match_shared=norm_match_shared,
         norm_match_subset=norm_match_subset,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=selector,
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=None,
-    )
+    return assemble_router(spec, common, selector=selector, gate_mode="none", capacity=None)

@@ -5,11 +5,8 @@ from __future__ import annotations
 from routelab.core.validation import check_non_negative
 from routelab.routers.base import Router
 from routelab.routers.entropy import DynMoLEBalanceLoss, DynMoLEEntropyLoss, DynMoLESelector, MagnetLoss
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 
 @register_preset(
@@ -41,9 +38,10 @@ def build_dynmole(
     ``dynmole_aux_coef * E * sum_e f_e P_e`` with ``f_e`` the mean masked probability.
     Defaults are those of the DynMoLE code (``mikecovlee/DynMoLE``).
     """
-    losses = standard_losses(common)
-    losses.append(DynMoLEEntropyLoss(check_non_negative("dynmole_entropy_coef", dynmole_entropy_coef)))
-    losses.append(DynMoLEBalanceLoss(check_non_negative("dynmole_aux_coef", dynmole_aux_coef)))
+    extra_losses = [
+        DynMoLEEntropyLoss(check_non_negative("dynmole_entropy_coef", dynmole_entropy_coef)),
+        DynMoLEBalanceLoss(check_non_negative("dynmole_aux_coef", dynmole_aux_coef)),
+    ]
     selector = DynMoLESelector(
         spec.num_experts,
         spec.top_k,
@@ -53,16 +51,7 @@ def build_dynmole(
         entropy_kind=entropy_kind,
         eps=entropy_eps,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=selector,
-        gate_norm=GateNorm("none"),
-        losses=losses,
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, selector=selector, gate_mode="none", extra_losses=extra_losses)
 
 
 @register_preset(
@@ -93,24 +82,14 @@ def build_magnet(
     (``ramp`` rising to 1 over ``ramp_steps``). Router: softmax top-k, renormalised for
     k > 1. The stage is a buffer, saved with the model.
     """
-    losses = standard_losses(common)
-    losses.append(
-        MagnetLoss(
-            coverage_weight=coverage_weight,
-            specialization_weight=specialization_weight,
-            trigger=entropy_trigger,
-            ema_decay=entropy_ema_decay,
-            ramp_steps=ramp_steps,
-            patience=patience,
-        )
+    magnet_loss = MagnetLoss(
+        coverage_weight=coverage_weight,
+        specialization_weight=specialization_weight,
+        trigger=entropy_trigger,
+        ema_decay=entropy_ema_decay,
+        ramp_steps=ramp_steps,
+        patience=patience,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=losses,
-        capacity=capacity_stage(common),
+    return assemble_router(
+        spec, common, gate_mode=softmax_gate_mode(normalization, spec.top_k), extra_losses=[magnet_loss]
     )

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from routelab.routers.base import Router
 from routelab.routers.expert_choice import ExpertChoice
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import linear_scorer, standard_losses
+from routelab.routers.presets.common import assemble_router
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
 
 
 @register_preset(
@@ -32,13 +30,4 @@ def build_expert_choice(
         gate=ec_gate,
         grouping=ec_grouping,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=selector,
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=None,
-    )
+    return assemble_router(spec, common, selector=selector, gate_mode="none", capacity=None)

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from routelab.core.validation import check_choice
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
 from routelab.routers.hashing import HashSelector
-from routelab.routers.presets.common import capacity_stage, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Identity, Softmax
+from routelab.routers.score_functions import Identity
 from routelab.routers.scorers import ConstantScorer, LinearScorer
-from routelab.routers.selectors import TopK
 
 
 def hash_router(spec: RouterSpec, common: CommonOptions, selector: HashSelector) -> Router:
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=ConstantScorer(spec.num_experts),
-        score_fn=Identity(),
-        selector=selector,
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+    return assemble_router(
+        spec, common, scorer=ConstantScorer(spec.num_experts), score_fn=Identity(), selector=selector, gate_mode="none"
     )
 
 
@@ -60,13 +51,4 @@ def build_random_fixed(
         spec.d_model, spec.num_experts, init_std=common.router_init_std or 0.02,
         jitter_eps=common.jitter_eps, trainable=False, seed=seed,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode("auto", spec.top_k)),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, scorer=scorer, gate_mode=softmax_gate_mode("auto", spec.top_k))

@@ -7,10 +7,8 @@ from routelab.routers.base import Router, RouterLoss
 from routelab.routers.cosine import BandpassLoss, CosineScorer, default_band
 from routelab.routers.gates import GateNorm
 from routelab.routers.kmeans import OnlineKMeansScorer, UniformGate
-from routelab.routers.presets.common import capacity_stage, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 _TOP1_RAW = "holds for top_k > 1; top-1 keeps the full-softmax probability so the router still gets a gradient"
 
@@ -27,20 +25,19 @@ def cosine_router(
     bandpass_low: float | None,
     bandpass_high: float | None,
 ) -> Router:
-    losses: list[RouterLoss] = standard_losses(common)
+    extra_losses: list[RouterLoss] = []
     coef = check_non_negative("bandpass_loss_coef", bandpass_loss_coef)
     if coef:
         low, high = default_band(spec.num_experts)
-        losses.append(BandpassLoss(coef, low if bandpass_low is None else bandpass_low, high if bandpass_high is None else bandpass_high))
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+        low = low if bandpass_low is None else bandpass_low
+        high = high if bandpass_high is None else bandpass_high
+        extra_losses.append(BandpassLoss(coef, low, high))
+    return assemble_router(
+        spec,
+        common,
         scorer=CosineScorer(spec.d_model, spec.num_experts, proj_dim=proj_dim, tau_init=tau_init, learn_tau=learn_tau),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
+        extra_losses=extra_losses,
     )
 
 
@@ -146,13 +143,6 @@ def build_kmeans(
         reseed_after=kmeans_reseed_after,
         seed=seed,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm("renorm") if kmeans_gate == "softmax" else UniformGate(),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+    return assemble_router(
+        spec, common, scorer=scorer, gate_norm=GateNorm("renorm") if kmeans_gate == "softmax" else UniformGate()
     )

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.selectors import TopK
 from routelab.routers.token_graph import TokenGraphSoftmax
 
 _PAPER = "Nguyen, Tran, Nguyen & Baraniuk 2025, Improving Routing in Sparse MoE with Graph of Tokens (arXiv 2505.00792)"
 
 
 def graph_router(spec: RouterSpec, common: CommonOptions, score_fn: TokenGraphSoftmax, normalization: str) -> Router:
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=score_fn,
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, score_fn=score_fn, gate_mode=softmax_gate_mode(normalization, spec.top_k))
 
 
 @register_preset(

@@ -5,12 +5,10 @@ from __future__ import annotations
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_choice, check_non_negative
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, standard_losses
+from routelab.routers.presets.common import assemble_router
 from routelab.routers.prototypes import PrototypeScorer, RoutingContrastiveLoss
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.score_functions import Identity, Sigmoid, Softmax
-from routelab.routers.selectors import TopK
 
 GATE_MODES = {"identity": Identity, "softmax": Softmax, "sigmoid": Sigmoid}
 
@@ -48,19 +46,14 @@ def build_promoe(
             f"aux_loss_coef/seq_aux_loss_coef need router probabilities; promoe_gate={promoe_gate!r} gives cosine "
             "scores. Use promoe_gate='softmax' with a balance loss."
         )
-    losses = standard_losses(common)
-    losses.append(
-        RoutingContrastiveLoss(
-            check_non_negative("rcl_coef", rcl_coef), temperature=rcl_temperature, use_top_k=rcl_use_top_k
-        )
+    contrastive_loss = RoutingContrastiveLoss(
+        check_non_negative("rcl_coef", rcl_coef), temperature=rcl_temperature, use_top_k=rcl_use_top_k
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+    return assemble_router(
+        spec,
+        common,
         scorer=PrototypeScorer(spec.d_model, spec.num_experts, init_std=common.router_init_std),
         score_fn=GATE_MODES[promoe_gate](),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm("none"),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode="none",
+        extra_losses=[contrastive_loss],
     )

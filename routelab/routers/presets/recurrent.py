@@ -8,12 +8,9 @@ from torch import nn
 
 from routelab.core.validation import check_positive_int
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.recurrent import RecurrentScorer, make_cell
 from routelab.routers.registry import CommonOptions, RouterSpec, create_router, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 
 @register_preset(
@@ -55,16 +52,7 @@ def build_rmoe(
         detach_state=detach_state,
         init_std=common.router_init_std,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, scorer=scorer, gate_mode=softmax_gate_mode(normalization, spec.top_k))
 
 
 def build_recurrent_routers(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from routelab.core.validation import check_non_negative
 from routelab.routers.base import Router, RouterLoss
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, standard_losses
+from routelab.routers.presets.common import assemble_router
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.relu_routing import (
     ActiveExpertsSelector,
@@ -43,22 +42,17 @@ def build_remoe(
     ``top_k`` only sets the target. TLS and CLS(``cls_window``) are in ``Routing.stats``.
     Each layer adapts its own lambda (ReMoE shares one lambda across layers).
     """
-    losses: list[RouterLoss] = standard_losses(common)
-    losses.append(
-        LoadWeightedL1Loss(
-            spec.num_experts, spec.top_k, lambda_init=l1_lambda_init, factor=l1_lambda_factor,
-            target_sparsity=target_sparsity,
-        )
+    l1_loss = LoadWeightedL1Loss(
+        spec.num_experts, spec.top_k, lambda_init=l1_lambda_init, factor=l1_lambda_factor,
+        target_sparsity=target_sparsity,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
+    return assemble_router(
+        spec,
+        common,
         score_fn=ReLU(),
         selector=ActiveExpertsSelector(spec.num_experts, cls_window=cls_window),
-        gate_norm=GateNorm("none"),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode="none",
+        extra_losses=[l1_loss],
     )
 
 
@@ -96,13 +90,13 @@ def build_blockffn(
     (``gate_l1_coef``; BlockFFN writes it as ``lambda * 1e-8``). ``top_k`` is nominal (it
     sets nothing here). TLS and CLS(``cls_window``) are in ``Routing.stats``.
     """
-    losses: list[RouterLoss] = standard_losses(common)
+    extra_losses: list[RouterLoss] = []
     if locality_loss_coef:
-        losses.append(
+        extra_losses.append(
             ActivationLocalityLoss(check_non_negative("locality_loss_coef", locality_loss_coef), steepness=locality_steepness)
         )
     if chunk_loss_coef:
-        losses.append(
+        extra_losses.append(
             ChunkSparsityLoss(
                 chunk_loss_coef,
                 chunk_size=chunk_size,
@@ -113,14 +107,12 @@ def build_blockffn(
             )
         )
     if gate_l1_coef:
-        losses.append(GateL1Loss(check_non_negative("gate_l1_coef", gate_l1_coef)))
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
+        extra_losses.append(GateL1Loss(check_non_negative("gate_l1_coef", gate_l1_coef)))
+    return assemble_router(
+        spec,
+        common,
         score_fn=ReLURMSNorm(spec.num_experts, eps=rmsnorm_eps),
         selector=ActiveExpertsSelector(spec.num_experts, cls_window=cls_window),
-        gate_norm=GateNorm("none"),
-        losses=losses,
-        capacity=capacity_stage(common),
+        gate_mode="none",
+        extra_losses=extra_losses,
     )

@@ -5,12 +5,9 @@ sparsification (spec §13). DeepSeekMoE shared experts are a layer option
 from __future__ import annotations
 
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.reuse import ProgressiveScalingScorer, SparsifyingBias
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 
 
 @register_preset(
@@ -48,16 +45,7 @@ def build_rexmoe(
         init_std=common.router_init_std,
         jitter_eps=common.jitter_eps,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, scorer=scorer, gate_mode=softmax_gate_mode(normalization, spec.top_k))
 
 
 @register_preset(
@@ -85,13 +73,10 @@ def build_condenser(
     experts are always-active gated shared experts of the layer:
     ``routelab.MoE(router="condenser", num_shared_experts=1, shared_expert_gate=True)``.
     """
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
+    return assemble_router(
+        spec,
+        common,
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
         balancer=SparsifyingBias(
             spec.num_experts,
             update_rate=bias_update_rate,
@@ -100,6 +85,4 @@ def build_condenser(
             recenter=bias_recenter,
             clamp=bias_clamp,
         ),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
     )

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Softmax
-from routelab.routers.selectors import TopK
 from routelab.routers.sparsity_aware import SparsityAwareScorer
 
 
@@ -35,13 +32,9 @@ def build_moe_x(
     statistics come from the layer's expert weights (attached by ``routelab.MoE``); the
     paper's experts are ReLU MLPs: build the layer with ``activation='relu'``.
     """
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+    return assemble_router(
+        spec,
+        common,
         scorer=SparsityAwareScorer(spec.num_experts, stats=moex_stats, score=moex_score, temperature=moex_temperature),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(softmax_gate_mode(normalization, spec.top_k)),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
     )

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 from routelab.core.validation import check_choice, check_non_negative
 from routelab.routers.base import Router
-from routelab.routers.gates import GateNorm
 from routelab.routers.losses import ImportanceLoss, LoadLoss
-from routelab.routers.presets.common import (
-    NORMALIZATIONS,
-    capacity_stage,
-    linear_scorer,
-    softmax_gate_mode,
-    standard_losses,
-)
+from routelab.routers.presets.common import NORMALIZATIONS, assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Sigmoid, Softmax
+from routelab.routers.score_functions import Sigmoid
 from routelab.routers.scorers import NoisyLinearScorer
-from routelab.routers.selectors import TopK
 
 _POSITION_DROP = "with capacity and drop_policy='position', which tokens survive depends on their order"
-
-
-def softmax_topk_router(spec: RouterSpec, common: CommonOptions, gate_mode: str, scaling_factor: float = 1.0) -> Router:
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm(gate_mode, scaling_factor),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
 
 
 @register_preset(
@@ -43,7 +22,7 @@ def softmax_topk_router(spec: RouterSpec, common: CommonOptions, gate_mode: str,
 )
 def build_switch(spec: RouterSpec, common: CommonOptions) -> Router:
     """Switch Transformer: softmax scores, top-1 (or top-k), no renormalisation."""
-    return softmax_topk_router(spec, common, "none")
+    return assemble_router(spec, common, gate_mode="none")
 
 
 @register_preset(
@@ -61,7 +40,7 @@ def build_gshard(spec: RouterSpec, common: CommonOptions) -> Router:
     GShard's random second-expert dispatch is not reproduced; the second expert is
     always taken.
     """
-    return softmax_topk_router(spec, common, "renorm")
+    return assemble_router(spec, common, gate_mode="renorm")
 
 
 @register_preset(
@@ -74,7 +53,7 @@ def build_gshard(spec: RouterSpec, common: CommonOptions) -> Router:
 def build_mixtral(spec: RouterSpec, common: CommonOptions, *, normalization: str = "auto") -> Router:
     """Mixtral: ``softmax(topk(z))`` (= renormalised softmax). ``normalization='auto'``
     renormalises for ``top_k > 1`` and keeps the raw probability for top-1."""
-    return softmax_topk_router(spec, common, softmax_gate_mode(normalization, spec.top_k))
+    return assemble_router(spec, common, gate_mode=softmax_gate_mode(normalization, spec.top_k))
 
 
 @register_preset(
@@ -96,17 +75,10 @@ def build_topk(
     check_choice("normalization", normalization, NORMALIZATIONS)
     check_non_negative("scaling_factor", scaling_factor)
     if normalization == "sigmoid_norm":
-        return Router(
-            num_experts=spec.num_experts,
-            top_k=spec.top_k,
-            scorer=linear_scorer(spec, common),
-            score_fn=Sigmoid(),
-            selector=TopK(spec.num_experts, spec.top_k),
-            gate_norm=GateNorm("renorm", scaling_factor),
-            losses=standard_losses(common),
-            capacity=capacity_stage(common),
-        )
-    return softmax_topk_router(spec, common, softmax_gate_mode(normalization, spec.top_k), scaling_factor)
+        return assemble_router(spec, common, score_fn=Sigmoid(), gate_mode="renorm", scaling_factor=scaling_factor)
+    return assemble_router(
+        spec, common, gate_mode=softmax_gate_mode(normalization, spec.top_k), scaling_factor=scaling_factor
+    )
 
 
 @register_preset(
@@ -129,20 +101,12 @@ def build_noisy_topk(
     The paper's loss weights are 0.1 (common reimplementations use 1e-2). The selected
     gates are renormalised, which equals the softmax over the kept noisy logits.
     """
-    losses = standard_losses(common)
-    losses.append(ImportanceLoss(check_non_negative("importance_loss_coef", importance_loss_coef)))
-    losses.append(LoadLoss(check_non_negative("load_loss_coef", load_loss_coef)))
+    extra_losses = [
+        ImportanceLoss(check_non_negative("importance_loss_coef", importance_loss_coef)),
+        LoadLoss(check_non_negative("load_loss_coef", load_loss_coef)),
+    ]
     scorer = NoisyLinearScorer(
         spec.d_model, spec.num_experts, noise_floor=check_non_negative("noise_floor", noise_floor),
         jitter_eps=common.jitter_eps,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=scorer,
-        score_fn=Softmax(),
-        selector=TopK(spec.num_experts, spec.top_k),
-        gate_norm=GateNorm("renorm"),
-        losses=losses,
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, scorer=scorer, gate_mode="renorm", extra_losses=extra_losses)

@@ -6,8 +6,7 @@ from routelab.core.errors import ConfigError
 from routelab.core.validation import check_non_negative
 from routelab.routers.base import Router
 from routelab.routers.base_layers import BalancedAssignmentSelector, CentroidAffinityScorer
-from routelab.routers.gates import GateNorm
-from routelab.routers.presets.common import capacity_stage, linear_scorer, softmax_gate_mode, standard_losses
+from routelab.routers.presets.common import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.score_functions import Sigmoid, Softmax
 from routelab.routers.sinkhorn_routing import MegatronSinkhornSelector, SelectiveSinkhornSelector
@@ -41,9 +40,9 @@ def build_base(
     """
     if common.aux_loss_coef or common.seq_aux_loss_coef:
         raise ConfigError("router 'base' balances by assignment and takes no balance loss; set aux_loss_coef=0.")
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
+    return assemble_router(
+        spec,
+        common,
         scorer=CentroidAffinityScorer(
             spec.d_model, spec.num_experts, init_gain=check_non_negative("centroid_init_gain", centroid_init_gain)
         ),
@@ -57,9 +56,7 @@ def build_base(
             auction_init=auction_init,
             warm_start=warm_start,
         ),
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+        gate_mode="none",
     )
 
 
@@ -84,15 +81,12 @@ def build_sinkhorn(
     """
     if common.aux_loss_coef or common.seq_aux_loss_coef:
         raise ConfigError("router 'sinkhorn' does not take a balance loss (as in Megatron); set aux_loss_coef=0.")
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
+    return assemble_router(
+        spec,
+        common,
         score_fn=Sigmoid() if spec.top_k == 1 else Softmax(),
         selector=MegatronSinkhornSelector(spec.num_experts, spec.top_k, tol=sinkhorn_tol, max_iter=sinkhorn_iters),
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
+        gate_mode="none",
     )
 
 
@@ -148,13 +142,4 @@ def build_ssr(
         max_iter=sinkhorn_iters,
         seed=seed,
     )
-    return Router(
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        scorer=linear_scorer(spec, common),
-        score_fn=Softmax(),
-        selector=selector,
-        gate_norm=GateNorm("none"),
-        losses=standard_losses(common),
-        capacity=capacity_stage(common),
-    )
+    return assemble_router(spec, common, selector=selector, gate_mode="none")
