@@ -21,6 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from routelab.core.cpu_allocator import tune_cpu_allocator_from_env  # noqa: E402
+
 
 def tiny_mixtral(hidden: int, layers: int, experts: int):
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (0 = torch's default); 1 keeps the ratio stable on a shared machine")
     args = parser.parse_args()
+    tune_cpu_allocator_from_env()  # see routelab/core/cpu_allocator.py; ROUTELAB_CPU_ALLOCATOR=system for A/B
     if args.threads:
         torch.set_num_threads(args.threads)
 

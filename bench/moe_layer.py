@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 from routelab.benchmarks.layer import run_layer_benchmark
 
 
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    tune_cpu_allocator_from_env()  # see routelab/core/cpu_allocator.py; ROUTELAB_CPU_ALLOCATOR=system for A/B
     run_layer_benchmark(
         args.router, args.shapes.split(","), args.dtypes.split(","), tokens=args.tokens, repeats=args.repeats
     )

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 from routelab.lab.config import TrainConfig
 from routelab.lab.evaluation import autocast
 from routelab.lab.train import build_optimizer
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per model")
     args = parser.parse_args()
+    tune_cpu_allocator_from_env()  # see routelab/core/cpu_allocator.py; ROUTELAB_CPU_ALLOCATOR=system for A/B
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

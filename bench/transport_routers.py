@@ -23,6 +23,7 @@ from routelab import MoE, end_of_step
 from routelab.benchmarks.layer import shape_by_name
 from routelab.benchmarks.timing import median_time
 from routelab.core.context import TokenBatch
+from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 
 SETTINGS = {
     "ssr p_sel=1 unrolled": ("ssr", {"p_sel": 1.0}, False),
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", default="coarse,fine")
     args = parser.parse_args()
+    tune_cpu_allocator_from_env()  # see routelab/core/cpu_allocator.py; ROUTELAB_CPU_ALLOCATOR=system for A/B
     shapes = [s for s in args.shapes.split(",") if s]
     table = Table(title=f"Transport routers: router share of layer time (fp32 fwd+bwd, {args.tokens} tokens)")
     table.add_column("setting")

@@ -5,6 +5,7 @@ Every routing method is a router built from parts (scorer -> score function -> s
 """
 
 from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
+from routelab.core.cpu_allocator import tune_cpu_allocator
 from routelab.moe import MoE, MoEOutput
 from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
 from routelab.traces import Trace
@@ -26,6 +27,7 @@ __all__ = [
     "end_of_step",
     "list_routers",
     "preset_info",
+    "tune_cpu_allocator",
 ]
 
 

@@ -27,6 +27,14 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
+    from routelab.core.errors import ConfigError
+
+    try:
+        tune_cpu_allocator_from_env()
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
     app()
 
 
