@@ -27,15 +27,17 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    """Entry point. Any routelab error a command did not report itself (bad arguments found
+    deep in a benchmark, say) ends as one ``error:`` line and exit code 2, not a traceback."""
     from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
-    from routelab.core.errors import ConfigError
+    from routelab.core.errors import RoutelabError
 
     try:
         tune_cpu_allocator_from_env()
-    except ConfigError as error:
+        app()
+    except RoutelabError as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
-    app()
 
 
 if __name__ == "__main__":

@@ -77,10 +77,30 @@ def test_cli_bench_router_cost_table() -> None:
     assert "coarse share" in result.output and "hash" in result.output
 
 
-def test_cli_bench_unknown_shape_is_a_clear_error() -> None:
-    result = CliRunner().invoke(app, ["bench", "--shapes", "huge", "--tokens", "64"])
-    assert result.exit_code != 0
-    assert "Did you mean" in str(result.exception) or "huge" in str(result.exception)
+def run_main(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+    """The installed ``routelab`` entry point (``routelab.cli.main``) with ``argv``."""
+    import pytest
+
+    from routelab.cli import main
+
+    monkeypatch.setattr("sys.argv", ["routelab", *argv])
+    monkeypatch.setenv("ROUTELAB_CPU_ALLOCATOR", "system")  # keep the test process's malloc as it is
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_cli_bench_unknown_shape_is_one_error_line_not_a_traceback(monkeypatch, capsys) -> None:
+    code, err = run_main(monkeypatch, capsys, "bench", "--shapes", "huge", "--tokens", "64")
+    assert code == 2
+    assert err.startswith("error: --shapes='huge' is not a known shape. Known shapes: coarse, fine.")
+    assert "Traceback" not in err
+
+
+def test_cli_bench_router_cost_needs_whole_sequences(monkeypatch, capsys) -> None:
+    code, err = run_main(monkeypatch, capsys, "bench", "--routers", "all", "--tokens", "1000", "--seq-len", "300")
+    assert code == 2
+    assert "use --tokens 900" in err
 
 
 def test_docs_preset_table_is_up_to_date() -> None:

@@ -56,10 +56,26 @@ def load_checkpoint(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     return load_model(path)
 
 
+def training_validation_split(
+    checkpoint: Path, seq_len: int, cache_dir: Path | None = None
+) -> tuple[list[dict[str, Any]], list[str], Any, int]:
+    """Trace header entries, domain names, sequences and token count of the validation split
+    the run of ``checkpoint`` was evaluated on (the corpus is re-prepared from the cache)."""
+    from routelab.lab.run_corpus import run_corpus, split_sequences
+
+    with Console(stderr=True).status("preparing the run's corpus ..."):
+        prepared = run_corpus(checkpoint, cache_dir=cache_dir)
+    description = [{"domain": d, "path": str(prepared.path), "split": "val", "content_hash": prepared.content_hash}
+                   for d in prepared.domains]
+    num_tokens = int(prepared.meta["num_tokens"]["val"])
+    return description, list(prepared.domains), split_sequences(prepared, "val", seq_len), num_tokens
+
+
 def trace_command(
     checkpoint: Path = typer.Argument(..., help="TinyLM checkpoint written by `routelab train`."),
-    corpus: list[str] = typer.Option(
-        ..., "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains)."
+    corpus: list[str] | None = typer.Option(
+        None, "--corpus", help="[DOMAIN=]PATH: a text file or folder (repeat for domains). Default for a lab "
+        "checkpoint: the validation split of the corpus its run trained on (required with --hf)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Trace directory to write (e.g. runs/x/val.trace)."),
     seq_len: int | None = typer.Option(
@@ -72,20 +88,24 @@ def trace_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace at --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted trace at --out."),
     hf: bool = typer.Option(False, "--hf", help="CHECKPOINT is a transformers MoE checkpoint (see `trace-hf`)."),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Prepared-corpus cache of the run, when --corpus is not given (default "
+        "$ROUTELAB_CACHE or .cache/routelab)."
+    ),
 ) -> None:
-    """Run a trained checkpoint over a corpus and record its routing as a trace."""
+    """Run a trained checkpoint over a corpus (default: its run's validation split) and record its routing."""
     console = Console()
     if hf:
         from routelab.commands.hf import trace_and_summarise
 
-        return trace_and_summarise(str(checkpoint), corpus, out, seq_len=seq_len or 256, batch_size=batch_size,
+        return trace_and_summarise(str(checkpoint), corpus or [], out, seq_len=seq_len or 256, batch_size=batch_size,
                                    max_tokens=max_tokens, device=device, resume=resume, overwrite=overwrite)
     from routelab.traces import TraceRecorder, TraceWriter
     from routelab.traces.corpus import corpus_description, encoder_of, parse_corpus, record_corpus, token_sequences
     from routelab.traces.recorder import ModuleRoutingSource
 
     try:
-        entries = parse_corpus(corpus)
+        entries = parse_corpus(corpus) if corpus else None
         model, tokenizer, ckpt_meta = load_checkpoint(checkpoint)
         model = model.to(device).eval()
         limit = getattr(getattr(model, "config", None), "max_seq_len", None)
@@ -98,21 +118,27 @@ def trace_command(
             "model": ckpt_meta.get("name") or Path(checkpoint).stem,
             "router": ckpt_meta.get("router") or getattr(config, "router", None),
             "checkpoint": str(checkpoint),
-            "corpus": corpus_description(entries),
             "tokenizer_hash": ckpt_meta.get("tokenizer_hash") or _tokenizer_hash(tokenizer),
-            "domain_names": [e.domain for e in entries],
             "seq_len": seq_len,
             "moe_layers": source.layer_names,
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
         }
+        if entries is not None:
+            metadata.update(corpus=corpus_description(entries), domain_names=[e.domain for e in entries])
+            sequences = token_sequences(entries, encoder_of(tokenizer), seq_len)
+            total = max_tokens
+        else:
+            metadata["corpus"], metadata["domain_names"], sequences, total = training_validation_split(
+                checkpoint, seq_len, cache_dir
+            )
+            total = min(total, max_tokens) if max_tokens is not None else total
         if resume:
             writer = TraceWriter.resume(out)
         else:
             writer = TraceWriter(out, metadata, source.num_layers, source.num_experts, overwrite=overwrite)
-        sequences = token_sequences(entries, encoder_of(tokenizer), seq_len)
         with writer, Progress(TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                               TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("trace", total=max_tokens, completed=writer.num_tokens)
+            task = bar.add_task("trace", total=total, completed=writer.num_tokens)
             tokens = record_corpus(TraceRecorder(source, writer), sequences, batch_size=batch_size,
                                    max_tokens=max_tokens, on_batch=lambda n: bar.advance(task, n), device=device)
     except RoutelabError as err:

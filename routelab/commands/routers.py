@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 def list_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each preset's options and defaults."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table of presets, parts and defaults."),
@@ -40,9 +39,9 @@ def bench_command(
     routers: str = typer.Option("mixtral", "--routers", help="Comma-separated presets, or 'all' for the router-cost table."),
     shapes: str = typer.Option("coarse,fine", "--shapes", help="Comma-separated shapes: coarse (E=8,k=2,h=1024), fine (E=64,k=8,h=128)."),
     dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="Comma-separated dtypes."),
-    tokens: int = typer.Option(4096, "--tokens", help="Tokens per forward."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Sequence length for the router-cost table (tokens = batch x seq_len)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed repetitions (the median is reported)."),
+    tokens: int = typer.Option(4096, "--tokens", min=1, help="Tokens per forward."),
+    seq_len: int = typer.Option(1024, "--seq-len", min=1, help="Sequence length for the router-cost table (tokens = batch x seq_len)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repetitions (the median is reported)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repeats (a smoke run)."),
 ) -> None:
     """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
@@ -54,6 +53,13 @@ def bench_command(
     shape_names = [s.strip() for s in shapes.split(",") if s.strip()]
     dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
     if routers.strip() == "all" or "," in routers:
+        if tokens > seq_len and tokens % seq_len:
+            from routelab.core.errors import ConfigError
+
+            raise ConfigError(
+                f"--tokens {tokens} is not a whole number of --seq-len {seq_len} sequences; "
+                f"use --tokens {tokens // seq_len * seq_len} or another multiple of {seq_len}."
+            )
         names = None if routers.strip() == "all" else [r.strip() for r in routers.split(",")]
         run_router_cost_benchmark(names, shape_names, tokens=tokens, repeats=repeats, seq_len=seq_len, console=console)
     else:
