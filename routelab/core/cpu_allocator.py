@@ -64,7 +64,8 @@ def tune_cpu_allocator(enable: bool = True) -> bool:
             (_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD),
             (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD),
         )
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    accepted = [libc.mallopt(param, value) == 1 for param, value in settings]  # apply every one, then judge
+    return all(accepted)
 
 
 def tune_cpu_allocator_from_env() -> bool:
