@@ -14,6 +14,10 @@ attribute ``needs_attention = True``, or whose preset is registered with
 only those layers compute attention explicitly, every other layer uses the fused SDPA
 kernel. Token-id hash routers get a different hash per layer (``seed`` = layer index)
 unless ``router_options`` sets ``seed``.
+
+Depth routing (``depth_router``, see ``routelab.depth``): a ``DepthStack`` runs the blocks
+instead of the plain loop, deciding per token (or sequence) to execute, skip, approximate
+or repeat them. Every forward reports the analytic FLOPs per token it executed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from routelab.core.context import RoutingContext
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.routing import Routing
 from routelab.core.validation import check_choice, check_positive_int, check_token_tensor
+from routelab.depth import DepthResult, DepthStack, build_depth_stack
+from routelab.depth.blocks import count_standard_forward
 from routelab.moe.experts import ACTIVATIONS, DenseFFN
 from routelab.moe.layer import MoE
 from routelab.routers.registry import preset_info
@@ -59,6 +65,8 @@ class TinyLMConfig:
         activation: ``swiglu`` or ``gelu``.
         rope_base: rotary base frequency.
         init_std: std of the embedding and projection initialisation.
+        depth_router: a depth method of ``routelab.depth`` (None = every block runs).
+        depth_options: options of that method (e.g. ``{"capacity": 0.125}``).
     """
 
     vocab_size: int
@@ -79,6 +87,8 @@ class TinyLMConfig:
     activation: str = "swiglu"
     rope_base: float = 10000.0
     init_std: float = 0.02
+    depth_router: str | None = None
+    depth_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "moe_every"):
@@ -110,6 +120,15 @@ class TinyLMConfig:
                         f"top_k has {len(self.top_k)} entries but the model has {len(self.moe_layer_indices)} MoE "
                         f"layers (layers {self.moe_layer_indices}); give one top_k per MoE layer or a single int."
                     )
+        if self.depth_router is not None:
+            self.build_depth()  # unknown methods and options fail here
+
+    def build_depth(self) -> DepthStack | None:
+        """The depth stack of this config (None without ``depth_router``)."""
+        if self.depth_router is None:
+            return None
+        return build_depth_stack(self.depth_router, d_model=self.d_model, n_layers=self.n_layers, d_ff=self.ffn_width,
+                                 ffn=self.ffn, activation=self.activation, options=self.depth_options)
 
     @property
     def ffn_width(self) -> int:
@@ -152,7 +171,8 @@ class TinyLMConfig:
         expert_width = self.expert_d_hidden or self.ffn_width
         top_k = self.top_k if self.top_k is not None else min(preset_info(self.router).default_top_k, self.num_experts)
         width = top_k * expert_width + self.num_shared_experts * (self.shared_d_hidden or expert_width)
-        return dataclasses.replace(self, ffn="dense", d_ff=width, router_options={}, top_k=None)
+        return dataclasses.replace(self, ffn="dense", d_ff=width, router_options={}, top_k=None,
+                                   depth_router=None, depth_options={})
 
 
 @dataclass
@@ -166,6 +186,8 @@ class TinyLMOutput:
         aux_loss: sum over MoE layers of each router's coefficient-weighted losses.
         routings: one ``Routing`` per MoE layer, in layer order.
         moe_layers: the layer index of each entry of ``routings``.
+        depth: what the depth router decided and executed (None without one).
+        flops_per_token: analytic forward FLOPs per real token actually executed.
     """
 
     logits: torch.Tensor
@@ -174,6 +196,8 @@ class TinyLMOutput:
     aux_loss: torch.Tensor
     routings: list[Routing]
     moe_layers: list[int]
+    depth: DepthResult | None = None
+    flops_per_token: float | None = None
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,6 +331,7 @@ class TinyLM(nn.Module):
             Block(config, i, moe_layers.index(i) if i in moe_layers else None) for i in range(config.n_layers)
         )
         self.final_norm = nn.RMSNorm(config.d_model)
+        self.depth = config.build_depth()
         cos, sin = rotary_tables(config.max_seq_len, config.d_model // config.n_heads, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -377,12 +402,24 @@ class TinyLM(nn.Module):
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x_BSD = self.embed(input_ids)
         routings: list[Routing] = []
-        for block in self.blocks:
-            x_BSD, routing = block(x_BSD, cos, sin, attn_mask_BSS, context)
-            if routing is not None:
-                routings.append(routing)
+        depth = None
+        if self.depth is not None:
+            x_BSD, depth = self.depth(self.blocks, x_BSD, cos, sin, attn_mask_BSS, padding_mask, context)
+            routings = depth.moe_routings
+            flops = depth.flops
+        else:
+            for block in self.blocks:
+                x_BSD, routing = block(x_BSD, cos, sin, attn_mask_BSS, context)
+                if routing is not None:
+                    routings.append(routing)
+            flops = count_standard_forward(self.blocks, routings, padding_mask, batch, seq, self.config.activation)
         logits = F.linear(self.final_norm(x_BSD), self.embed.weight)
+        real_tokens = batch * seq if padding_mask is None else int(padding_mask.sum())
+        flops.linear(self.config.d_model, self.config.vocab_size, real_tokens, part="output")
+        flops.tokens = real_tokens
         aux_loss = logits.new_zeros((), dtype=torch.float32)
+        if depth is not None and depth.aux_loss is not None:
+            aux_loss = aux_loss + depth.aux_loss
         for routing in routings:
             if routing.aux_loss is not None:
                 aux_loss = aux_loss + routing.aux_loss
@@ -392,4 +429,4 @@ class TinyLM(nn.Module):
                 targets = targets.masked_fill(~padding_mask, -100)
             lm_loss = F.cross_entropy(logits.float().view(batch * seq, -1), targets.reshape(-1), ignore_index=-100)
             loss = lm_loss + aux_loss
-        return TinyLMOutput(logits, loss, lm_loss, aux_loss, routings, self.moe_layers)
+        return TinyLMOutput(logits, loss, lm_loss, aux_loss, routings, self.moe_layers, depth, flops.per_token())
