@@ -53,7 +53,8 @@ def attention_rank(maps_BHSS: torch.Tensor, tol: float | None = None) -> float:
     seq = maps_BHSS.shape[-1]
     keep = torch.ones(seq, seq, dtype=torch.bool, device=maps_BHSS.device).tril(diagonal=-1)
     masked = maps_BHSS.double() * keep
-    return float(torch.linalg.matrix_rank(masked, tol=tol).double().mean())
+    ranks = torch.linalg.matrix_rank(masked) if tol is None else torch.linalg.matrix_rank(masked, atol=tol, rtol=0.0)
+    return float(ranks.double().mean())
 
 
 def head_attention_maps(block: Any, x_BSD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
