@@ -155,6 +155,19 @@ CHUNK = typer.Option(None, "--chunk-bytes", help="Files larger than this are cut
 CACHE = typer.Option(None, "--cache-dir", help="Prepared-corpus cache (default $ROUTELAB_CACHE or .cache/routelab).")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
 THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle right now).")
+DEPTH_ROUTER = typer.Option(None, "--depth-router", help="Depth routing: mod, gamma-mod, duo, drllm, lff, halting.")
+DEPTH_CAPACITY = typer.Option(None, "--depth-capacity", help="Share of tokens a routed block processes (mod).")
+DEPTH_OPTION = typer.Option(None, "--depth-option", help="Depth router option KEY=VALUE (repeatable).")
+
+
+def depth_overrides(depth_router: str | None, depth_capacity: float | None, depth_option: list[str] | None) -> dict[str, Any]:
+    """The model section's depth settings from the depth flags."""
+    options = parse_options(depth_option)
+    if depth_capacity is not None:
+        options["capacity"] = depth_capacity
+    if options and depth_router is None:
+        raise ConfigError("--depth-capacity/--depth-option need --depth-router (e.g. --depth-router mod).")
+    return given(depth_router=depth_router, depth_options=options or None)
 
 
 def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared) -> dict[str, Any]:
@@ -202,6 +215,9 @@ def train_command(
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
     threads: Optional[str] = THREADS,
+    depth_router: Optional[str] = DEPTH_ROUTER,
+    depth_capacity: Optional[float] = DEPTH_CAPACITY,
+    depth_option: Optional[list[str]] = DEPTH_OPTION,
 ) -> None:
     """Train one TinyLM with one router on a corpus (resumable with --resume)."""
     from routelab.lab.config import CorpusSettings, ModelSettings, RouterEntry, TrainConfig, validated
@@ -209,8 +225,9 @@ def train_command(
     from routelab.lab.experiment import ExperimentConfig, check_routers
     from routelab.lab.train import train_run
 
-    model = validated(ModelSettings, model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden,
-                                                    moe_every, shared_experts), "model options")
+    model = validated(ModelSettings, {**model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden,
+                                                       moe_every, shared_experts),
+                                      **depth_overrides(depth_router, depth_capacity, depth_option)}, "model options")
     train = validated(TrainConfig, given(
         steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         precision=precision, eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed,
@@ -222,17 +239,23 @@ def train_command(
     check_routers(ExperimentConfig(routers=[entry], model=model))
     with err_console.status("preparing the corpus and tokenizer ..."):
         prepared = prepare_corpus(corpus_settings.options(), cache_dir=cache_dir)
-    folder = out or Path("runs") / "train" / f"{router}-seed{seed}"
+    label = router if depth_router is None else f"{router}+{depth_router}"
+    folder = out or Path("runs") / "train" / f"{label}-seed{seed}"
     model_config = model.tinylm(vocab_size=prepared.vocab_size, max_seq_len=train.seq_len, router=router,
                                 router_options=entry.options)
     summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
-                        show_progress=not no_progress, label=router)
+                        show_progress=not no_progress, label=label, depth_fit=model.depth_fit)
     final = summary["final_eval"]
     domains = ", ".join(f"{d} {v:.3f}" for d, v in final["val_loss_by_domain"].items())
     output_console().print(
-        f"[bold]{router}[/]: val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.1f}; {domains}), "
+        f"[bold]{label}[/]: val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.1f}; {domains}), "
+        f"{final.get('flops_per_token', 0) / 1e6:.2f} MFLOPs/token, "
         f"{summary['train_tokens_per_s']:,.0f} tok/s. Model: {folder / 'model.pt'}"
     )
+    for mode, row in final.get("depth_modes", {}).items():
+        output_console().print(f"  {depth_router} mode {mode}: val loss {row['val_loss']:.4f} (first validation "
+                               f"batches), {row['flops_per_token'] / 1e6:.2f} MFLOPs/token"
+                               f"{'' if row.get('causal') else ' (not causal)'}")
 
 
 @friendly_errors
@@ -265,6 +288,9 @@ def compare_command(
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
     threads: Optional[str] = THREADS,
+    depth_router: Optional[str] = DEPTH_ROUTER,
+    depth_capacity: Optional[float] = DEPTH_CAPACITY,
+    depth_option: Optional[list[str]] = DEPTH_OPTION,
 ) -> None:
     """Train every router x seed on the same data and budget; write results, plots and report.md."""
     from routelab.lab.experiment import load_experiment
@@ -276,7 +302,8 @@ def compare_command(
         routers=[r.strip() for r in routers.split(",") if r.strip()] if routers else None,
     )
     sections = {
-        "model": model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared_experts),
+        "model": {**model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every,
+                                    shared_experts), **depth_overrides(depth_router, depth_capacity, depth_option)},
         "train": given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
                        eval_every=eval_every),
         "corpus": corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),

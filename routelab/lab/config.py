@@ -7,6 +7,7 @@ prepare. Errors become ``ConfigError`` messages that name the field and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,17 +72,29 @@ class ModelSettings(Settings):
     num_shared_experts: int = Field(0, ge=0)
     shared_d_hidden: int | None = Field(None, ge=1)
     activation: Literal["swiglu", "gelu"] = "swiglu"
+    depth_router: str | None = Field(None, description="a routelab.depth method (mod, duo, drllm, ...)")
+    depth_options: dict[str, Any] = Field(default_factory=dict)
+    depth_fit: dict[str, Any] = Field(default_factory=dict, description="options of the depth method's second stage")
 
-    def tinylm(self, *, vocab_size: int, max_seq_len: int, router: str | None, router_options: dict[str, Any]) -> TinyLMConfig:
-        """The ``TinyLMConfig`` of one run; ``router=None`` (or ``"dense"``) gives the dense equivalent."""
+    def tinylm(self, *, vocab_size: int, max_seq_len: int, router: str | None, router_options: dict[str, Any],
+               depth_router: str | None = None, depth_options: dict[str, Any] | None = None) -> TinyLMConfig:
+        """The ``TinyLMConfig`` of one run; ``router=None`` (or ``"dense"``) gives the dense equivalent.
+
+        ``depth_router``/``depth_options`` (a router entry's) override the model's."""
+        shape = self.model_dump(exclude={"depth_router", "depth_options", "depth_fit"})
         moe = TinyLMConfig(
             vocab_size=vocab_size,
             max_seq_len=max_seq_len,
             router=router if router not in (None, DENSE) else "mixtral",
             router_options=dict(router_options),
-            **self.model_dump(),
+            **shape,
         )
-        return moe.dense_equivalent() if router in (None, DENSE) else moe
+        config = moe.dense_equivalent() if router in (None, DENSE) else moe
+        depth = depth_router or self.depth_router
+        if depth is None:
+            return config
+        options = dict(depth_options if depth_router is not None and depth_options is not None else self.depth_options)
+        return dataclasses.replace(config, depth_router=depth, depth_options=options)
 
 
 DENSE = "dense"
@@ -101,11 +114,14 @@ class CorpusSettings(Settings):
 
 
 class RouterEntry(Settings):
-    """A router of an experiment: a preset (or ``dense``), its options and an optional label."""
+    """A router of an experiment: a preset (or ``dense``), its options and an optional label,
+    and optionally a depth router (``routelab.depth``) with its options."""
 
     name: str
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    depth_router: str | None = None
+    depth_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> RouterEntry:

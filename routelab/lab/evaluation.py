@@ -142,6 +142,8 @@ def evaluate(
     loss_sum = torch.zeros(len(domains), dtype=torch.float64)
     count = torch.zeros(len(domains), dtype=torch.float64)
     layers: list[LayerTotals] = []
+    flops_sum = 0.0
+    depth_rates: dict[str, dict[str, float]] = {}
     try:
         for batch in batches:
             with autocast(precision):
@@ -150,13 +152,19 @@ def evaluate(
                 out.logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
             ).double()
             labels = batch.domains.flatten()
+            flops_sum += float(out.flops_per_token) * token_loss.numel()
+            if out.depth is not None:
+                for decision in out.depth.decisions:
+                    rates = depth_rates.setdefault(str(decision.layer), {})
+                    for option, rate in decision.rates().items():
+                        rates[option] = rates.get(option, 0.0) + rate * token_loss.numel()
             loss_sum.index_add_(0, labels, token_loss)
             count.index_add_(0, labels, torch.ones_like(token_loss))
             if not layers:
                 layers = [LayerTotals(torch.zeros(r.num_experts)) for r in out.routings]
             for totals, routing in zip(layers, out.routings):
                 totals.add(routing.stats)
-            if collector is not None:
+            if collector is not None and out.depth is None:
                 collector.add(batch, out.routings)
         with autocast(precision):
             probe_out = model(probe.inputs)
@@ -168,7 +176,11 @@ def evaluate(
         "val_ppl": math.exp(min(val_loss, 700.0)),
         "val_tokens": int(count.sum()),
         "val_loss_by_domain": {d: float(loss_sum[i] / count[i]) for i, d in enumerate(domains) if count[i] > 0},
+        "flops_per_token": flops_sum / max(float(count.sum()), 1.0),
     }
+    if depth_rates:
+        total = float(count.sum())
+        metrics["depth_rates"] = {layer: {o: v / total for o, v in r.items()} for layer, r in depth_rates.items()}
     if layers:
         per_layer = [t.summary() for t in layers]
         for key in ("max_vio", "cv", "entropy", "dead_experts", "drop_rate", "active_experts_per_token"):

@@ -130,6 +130,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def check_routers(config: ExperimentConfig) -> None:
     """Build every router once, so unknown presets or options fail before any training."""
     for entry in config.routers:
+        check_depth(config, entry)
         if entry.name == DENSE:
             if entry.options:
                 raise ConfigError(f"router 'dense' takes no options, got {sorted(entry.options)}.")
@@ -145,6 +146,27 @@ def check_routers(config: ExperimentConfig) -> None:
             )
         except ConfigError as error:
             raise ConfigError(f"router entry {entry.key!r}: {error}") from None
+
+
+LAB_MOE_DEPTH = ("halting",)
+
+
+def check_depth(config: ExperimentConfig, entry: RouterEntry) -> None:
+    """Build the entry's depth stack once, so unknown methods or options fail before training."""
+    if entry.depth_router is None and config.model.depth_router is None:
+        return
+    try:
+        model = config.model.tinylm(vocab_size=257, max_seq_len=config.train.seq_len, router=entry.name,
+                                    router_options=entry.options, depth_router=entry.depth_router,
+                                    depth_options=entry.depth_options)
+    except ConfigError as error:
+        raise ConfigError(f"router entry {entry.key!r}: {error}") from None
+    if model.ffn == "moe" and model.depth_router not in LAB_MOE_DEPTH:
+        raise ConfigError(
+            f"router entry {entry.key!r}: in the lab, depth router {model.depth_router!r} runs on dense FFNs "
+            f"(router 'dense'); only {list(LAB_MOE_DEPTH)} re-route MoE FFNs. Combine MoE and depth routing "
+            "through the Python API (TinyLMConfig)."
+        )
 
 
 def load_experiment(source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -220,12 +242,15 @@ def train_one(
         max_seq_len=config.train.seq_len,
         router=entry.name,
         router_options=entry.options,
+        depth_router=entry.depth_router,
+        depth_options=entry.depth_options,
     )
     train_config = config.train.model_copy(update={"seed": seed})
     try:
         return train_run(
             config.run_folder(entry, seed), corpus, model_config, train_config,
             resume=True, console=console, show_progress=show_progress, label=f"{entry.key} s{seed}",
+            depth_fit=config.model.depth_fit,
         )
     except ConfigError as error:
         if "cannot resume" in str(error):

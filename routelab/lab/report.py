@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from routelab.lab.compute import add_equal_flops, depth_mode_points, plot_quality_vs_compute
 from routelab.lab.data import PreparedCorpus
 from routelab.lab.experiment import ExperimentConfig
 from routelab.lab.plots import plot_all
@@ -30,6 +31,8 @@ ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (
     ("val_loss", "val loss", 4),
     ("val_ppl", "val ppl", 2),
+    ("mflops_per_token", "MFLOPs/tok", 3),
+    ("loss_at_equal_flops", "loss @ equal FLOPs", 4),
     ("max_vio_avg", "MaxVio avg", 3),
     ("max_vio_final", "MaxVio final", 3),
     ("cv_final", "CV", 3),
@@ -176,6 +179,7 @@ def render_markdown(
     records: list[RunRecord],
     plots: dict[str, Path],
     wall_time_s: float,
+    flops_budget: float | None = None,
 ) -> str:
     first = records[0].summary
     domains = corpus.domains
@@ -220,6 +224,7 @@ def render_markdown(
         header = ["router"] + [name for _, name, _ in SERVING_TABLE_COLUMNS]
         body = [[a["router"]] + [fmt_pm(a, c, d) for c, _, d in SERVING_TABLE_COLUMNS] for a in aggregates]
         lines += [markdown_table(header, body), ""]
+    lines += compute_section(records, flops_budget)
     if tost_rows:
         t = config.tost
         lines += [
@@ -243,6 +248,7 @@ def render_markdown(
         "max_vio": "Load imbalance (MaxVio) during training",
         "fluctuation": "Routing fluctuation",
         "expert_load": "Expert load per layer",
+        "compute": "Quality vs compute",
     }
     lines += ["## Plots", ""]
     for name, path in plots.items():
@@ -255,6 +261,9 @@ def render_markdown(
         "MoE layers; MaxVio final and CV: the same over the whole validation set at the end.",
         "- dead: experts with no token on the validation set (summed over layers); drop: share of selected "
         "assignments dropped by capacity; experts/tok: routed experts per token.",
+        "- MFLOPs/tok: analytic forward FLOPs per token actually executed at the final evaluation (skipped blocks, "
+        "small FFNs and unselected experts cost nothing); loss @ equal FLOPs: validation loss interpolated at the "
+        "smallest training-FLOP budget of the experiment's runs (training FLOPs = 3 x forward).",
         "- fluct. final: share of (probe token, layer) pairs whose expert set changed since the previous evaluation.",
         "- tok/s: training tokens per second of optimizer-step time (evaluation excluded); all runs on one machine.",
         "- expert-choice selects tokens per sequence, non-causally: its validation loss uses routing that sees "
@@ -271,6 +280,25 @@ def render_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def compute_section(records: list[RunRecord], flops_budget: float | None) -> list[str]:
+    """The quality-vs-compute text: the common budget and every depth mode's loss and FLOPs."""
+    lines = ["## Quality vs compute", ""]
+    if flops_budget is not None:
+        lines += [f"Loss at equal FLOPs is read at {flops_budget / 1e12:.2f} training TFLOPs (the smallest run's total).", ""]
+    points = depth_mode_points(records)
+    if points:
+        lines += [
+            "Depth routers evaluated under each decision rule on the first validation batches "
+            "(causal: decided from each token's own past, usable for left-to-right decoding):",
+            "",
+            markdown_table(["run:mode", "val loss", "MFLOPs/tok", "causal"],
+                           [[label, f"{loss:.4f}", f"{mflops:.3f}", "yes" if causal else "no"]
+                            for label, mflops, loss, causal in points]),
+            "",
+        ]
+    return lines
 
 
 def write_report(
@@ -290,14 +318,18 @@ def write_report(
     records = [RunRecord.load(r["key"], r["router"], r["seed"], r["folder"]) for r in runs]
     rows = [{"router": rec.key, "preset": rec.router, "seed": rec.seed, **run_columns(rec)} for rec in records]
     keys = [entry.key for entry in config.routers]
+    budget = add_equal_flops(rows, records)
     aggregates = aggregate(rows, keys)
     tost_rows = equivalence(rows, config)
     tables = write_table(rows, folder / "results") + write_table(aggregates, folder / "summary")
     if tost_rows:
         tables += write_table(tost_rows, folder / "tost")
     plots = plot_all(records, folder)
+    compute_plot = plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
+    if compute_plot is not None:
+        plots["compute"] = compute_plot
     report = folder / "report.md"
-    report.write_text(render_markdown(config, corpus, aggregates, tost_rows, records, plots, wall_time_s))
+    report.write_text(render_markdown(config, corpus, aggregates, tost_rows, records, plots, wall_time_s, budget))
     (folder / "leaderboard.json").write_text(json.dumps({"aggregates": aggregates, "tost": tost_rows}, indent=1))
     return {
         "report": report,

@@ -47,6 +47,7 @@ from routelab.lab.checkpoint import (
 )
 from routelab.lab.config import TrainConfig
 from routelab.lab.data import PreparedCorpus
+from routelab.lab.depth_stage import finish_depth
 from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.models.tinylm import TinyLM, TinyLMConfig
@@ -278,6 +279,7 @@ def train_run(
     show_progress: bool = True,
     label: str | None = None,
     on_step_end: Callable[[int], None] | None = None,
+    depth_fit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one TinyLM into ``run_dir`` and return its summary.
 
@@ -285,6 +287,7 @@ def train_run(
         resume: continue from ``run_dir/checkpoint.pt`` (a finished run is returned as is).
             Without it, a folder that already holds a run is refused.
         on_step_end: called with the step number after each step (and its checkpoint).
+        depth_fit: options of a depth router's second stage (``routelab.lab.depth_stage``).
     """
     files = RunFiles(run_dir)
     console = console or Console(stderr=True)
@@ -374,7 +377,7 @@ def train_run(
         while step < train_config.steps:
             step += 1
             start = time.perf_counter()
-            routings, losses, lm_losses, aux_losses = [], [], [], []
+            routings, losses, lm_losses, aux_losses, flops = [], [], [], [], []
             for micro in range(train_config.grad_accum):
                 batch = sampler.batch(step, micro)
                 with autocast(precision):
@@ -389,6 +392,7 @@ def train_run(
                 losses.append(float(out.loss.detach()))
                 lm_losses.append(float(out.lm_loss.detach()))
                 aux_losses.append(float(out.aux_loss.detach()))
+                flops.append(out.flops_per_token)
             grad_norm = None
             if train_config.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip))
@@ -407,12 +411,17 @@ def train_run(
                     "kind": "train", "step": step, "tokens": train_tokens, "lr": lr, "loss": loss,
                     "lm_loss": sum(lm_losses) / len(lm_losses), "aux_loss": sum(aux_losses) / len(aux_losses),
                     "grad_norm": grad_norm, "step_time_s": elapsed, "tokens_per_s": step_tokens / elapsed,
+                    "flops_per_token": sum(flops) / len(flops),
                     **step_routing_stats(routings),
                 }
                 log.write(json.dumps(row) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:
-                collector = RoutingCollector() if step == train_config.steps else None
+                collector = RoutingCollector() if step == train_config.steps and model.depth is None else None
+                depth_record = {}
+                if step == train_config.steps and model.depth is not None:
+                    depth_record = finish_depth(model, sampler, val_set, step, depth_fit)
                 metrics, probe_idx, probe_weight = evaluate(model, val_set, probe, domains, precision, collector)
+                metrics.update(depth_record)
                 if collector is not None:
                     collector.save(files.val_routing, model.moe_layers)
                 fluctuation = history.add(step, probe_idx, probe_weight)
@@ -444,6 +453,7 @@ def train_run(
         "params_total": params["total"],
         "params_active": params["active"],
         "moe_layers": model.moe_layers,
+        "depth_router": model_config.depth_router,
         "final_eval": final_eval,
     }
     atomic_save({**payload_common, "format": MODEL_FORMAT, "step": step, "model": model.state_dict()}, files.model)
