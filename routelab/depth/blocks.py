@@ -17,6 +17,8 @@ from routelab.core.context import RoutingContext
 from routelab.core.routing import Routing
 from routelab.depth.flops import FlopCounter, causal_pairs
 
+KV_CACHE_KEY = "depth_kv_cache"
+
 
 def selection_index(selected_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(idx_BN, valid_BN)`` of a boolean ``[batch, seq]`` selection, ``N`` = the largest count."""
@@ -92,9 +94,16 @@ def attention_delta(
     valid_BN: torch.Tensor | None,
     counter: FlopCounter,
     attn_mask_BNN: torch.Tensor | None = None,
+    context: RoutingContext | None = None,
 ) -> torch.Tensor:
-    """``attn(attn_norm(x))`` of the block over the given tokens (causal in their order)."""
+    """``attn(attn_norm(x))`` of the block over the given tokens (causal in their order).
+
+    While decoding (a ``KVCache`` in ``context.carry``) the tokens are new ones that attend
+    to the cached keys and values of the earlier tokens that executed this block."""
     batch, n, d_model = x_BND.shape
+    cache = context.carry.get(KV_CACHE_KEY) if context is not None else None
+    if cache is not None:
+        return cache.attend(block, block.attn_norm(x_BND), cos, sin, valid_BN, counter)
     mask = attn_mask_BNN if attn_mask_BNN is not None else subset_mask(valid_BN)
     delta, _ = block.attn(block.attn_norm(x_BND), cos, sin, mask, False)
     counter.attention(d_model, real_count(valid_BN, batch, n), causal_pairs(valid_BN, batch, n))
@@ -131,7 +140,7 @@ def run_block(
     attn_mask_BNN: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Routing | None]:
     """The whole pre-norm block on the given tokens: ``x + attn``, then ``+ ffn``."""
-    x_BND = x_BND + attention_delta(block, x_BND, cos, sin, valid_BN, counter, attn_mask_BNN)
+    x_BND = x_BND + attention_delta(block, x_BND, cos, sin, valid_BN, counter, attn_mask_BNN, context)
     y, routing = ffn_delta(block, block.ffn_norm(x_BND), valid_BN, context, counter, activation)
     return x_BND + y, routing
 

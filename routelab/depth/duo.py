@@ -115,7 +115,8 @@ class DuoStack(DepthStack):
         for index, block in enumerate(blocks):
             if getattr(block, "is_moe", False):
                 raise ConfigError("duo routes dense FFNs (small / big / skip); build the TinyLM with ffn='dense'.")
-            x_BSD = x_BSD + attention_delta(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, result.flops, attn_mask_BSS)
+            x_BSD = x_BSD + attention_delta(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, result.flops, attn_mask_BSS,
+                                            context)
             h_BSD = block.ffn_norm(x_BSD)
             if self.record_inputs is not None:
                 self.record_inputs.append(h_BSD.detach())

@@ -171,7 +171,8 @@ class GammaMoDStack(MoDStack):
             x_sel = gather_tokens(x_BSD, idx_BN)
             positions = torch.arange(idx_BN.shape[1], device=idx_BN.device).expand_as(idx_BN) if self.renumber_positions else idx_BN
             cos, sin = subset_rope(cos_Sd, sin_Sd, positions)
-            x_sel = x_sel + attention_delta(block, x_sel, cos, sin, valid_BN, result.flops)
+            x_sel = x_sel + attention_delta(block, x_sel, cos, sin, valid_BN, result.flops, None,
+                                            subset_context(context, idx_BN, valid_BN))
             y, routing = ffn_delta(block, block.ffn_norm(x_sel), valid_BN, subset_context(context, idx_BN, valid_BN),
                                    result.flops, self.activation)
             if routing is not None:

@@ -49,7 +49,8 @@ class HaltingStack(DepthStack):
         for index, block in enumerate(blocks):
             if not getattr(block, "is_moe", False):
                 raise ConfigError("halting re-applies MoE FFNs; build the TinyLM with ffn='moe'.")
-            x_BSD = x_BSD + attention_delta(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, result.flops, attn_mask_BSS)
+            x_BSD = x_BSD + attention_delta(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, result.flops, attn_mask_BSS,
+                                            context)
             h_BSD = block.ffn_norm(x_BSD)
             threshold = self.threshold if self.mode == "halt" else None
             out = apply_hops(block.ffn, h_BSD, hops=self.hops, halt_threshold=threshold, padding_mask=padding_mask_BS,
