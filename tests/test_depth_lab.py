@@ -83,6 +83,17 @@ def test_train_cli_depth_flags_and_errors(tmp_path):
                                  "--steps", "2", "--out", str(out), *flags])
     assert result.exit_code == 0, result.output
     assert "MFLOPs/token" in result.output and "causal-mlp" in result.output
+    trace = tmp_path / "val.trace"
+    traced = runner.invoke(app, ["trace", str(out / "model.pt"), "--out", str(trace), "--cache-dir",
+                                 str(tmp_path / "cache")])
+    assert traced.exit_code == 0, traced.output
+    assert "depth-routed" in traced.output
+    analysed = runner.invoke(app, ["analyze", str(trace), "--no-prefetch"])
+    assert analysed.exit_code == 0, analysed.output
+    report = (tmp_path / "val.trace-analysis" / "report.md").read_text()
+    assert "## Depth decisions" in report and "compute per token" in report.lower()
+    data = json.loads((tmp_path / "val.trace-analysis" / "analysis.json").read_text())
+    assert set(data["depth"]["rates"]) == {"1"}  # every other block: only layer 1 of 2 is routed
     bad = runner.invoke(app, ["train", "--router", "dense", "--depth-router", "mdo", "--steps", "2", *flags])
     assert bad.exit_code == 2 and "Did you mean 'mod'" in bad.output
     moe = runner.invoke(app, ["train", "--router", "mixtral", "--depth-router", "duo", "--steps", "2", *flags])
@@ -94,3 +105,12 @@ def test_train_cli_depth_flags_and_errors(tmp_path):
 def test_experiment_refuses_bad_depth_options(tmp_path):
     with pytest.raises(ConfigError, match="capacity must be in"):
         load_experiment({"routers": [{"name": "dense", "depth_router": "mod", "depth_options": {"capacity": 2}}]})
+
+
+def test_compute_per_token_and_option_rates():
+    from routelab.metrics.depth import compute_per_token, option_rates
+
+    choices = [[0, 1, 2, 1], [2, 2, 0, 1]]  # two layers, four tokens; options skip / small / big
+    costs = [0.0, 0.25, 1.0]
+    assert compute_per_token(choices, costs).tolist() == [0.5, 0.625, 0.5, 0.25]
+    assert option_rates([0, 1, 1, -1], 3).tolist() == [1 / 3, 2 / 3, 0.0]

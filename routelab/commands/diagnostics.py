@@ -112,7 +112,12 @@ def trace_command(
         seq_len = seq_len or limit or 256
         if limit is not None and seq_len > limit:
             raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len={limit}.")
-        source = ModuleRoutingSource(model)
+        if getattr(model, "depth", None) is not None:
+            from routelab.depth.trace import DepthRoutingSource
+
+            source = DepthRoutingSource(model)
+        else:
+            source = ModuleRoutingSource(model)
         config = getattr(model, "config", None)
         metadata = {
             "model": ckpt_meta.get("name") or Path(checkpoint).stem,
@@ -123,6 +128,8 @@ def trace_command(
             "moe_layers": source.layer_names,
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
         }
+        if hasattr(source, "describe"):
+            metadata["depth"] = source.describe()
         if entries is not None:
             metadata.update(corpus=corpus_description(entries), domain_names=[e.domain for e in entries])
             sequences = token_sequences(entries, encoder_of(tokenizer), seq_len)
@@ -143,7 +150,8 @@ def trace_command(
                                    max_tokens=max_tokens, on_batch=lambda n: bar.advance(task, n), device=device)
     except RoutelabError as err:
         _fail(err)
-    console.print(f"wrote {tokens} tokens x {source.num_layers} MoE layers to {out}")
+    kind = "depth-routed" if hasattr(source, "describe") else "MoE"
+    console.print(f"wrote {tokens} tokens x {source.num_layers} {kind} layers to {out}")
 
 
 def analyze_command(

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from routelab.metrics.balance import layer_balance
+from routelab.metrics.depth import depth_summary
 from routelab.metrics.locality import (
     SEG_LENGTHS,
     active_experts,
@@ -69,6 +70,29 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
+def depth_section(trace, data: dict[str, Any]) -> list[str]:  # noqa: ANN001 - TraceLike
+    """Markdown of a depth trace: option rates per layer and compute per token (token difficulty)."""
+    summary = depth_summary(trace)
+    data["depth"] = summary
+    options = summary["options"]
+    md = ["## Depth decisions", "",
+          f"Trace layers hold depth decisions of `{trace.metadata['depth'].get('method')}` "
+          f"(mode `{trace.metadata['depth'].get('mode')}`); options {options} cost "
+          f"{summary['option_costs']} x one block/FFN run. Execution rate per model layer:", "",
+          _table(["layer", *options], [(layer, *(rates[o] for o in options)) for layer, rates in summary["rates"].items()]),
+          "",
+          "Compute per token (mean option cost over routed layers) is the router's view of token difficulty: "
+          f"mean {summary['compute_mean']:.3f}, percentiles {summary['compute_percentiles']}.", ""]
+    if summary["compute_by_domain"]:
+        md += [_table(["domain", "compute per token"], list(summary["compute_by_domain"].items())), ""]
+    if summary["most_compute_tokens"]:
+        md += ["Token ids (seen >= 5 times) with the most / least compute:", "",
+               _table(["most: token id", "compute", "least: token id", "compute"],
+                      [(a, b, c, d) for (a, b), (c, d) in zip(summary["most_compute_tokens"],
+                                                              summary["least_compute_tokens"])]), ""]
+    return md
+
+
 def analyze_trace(
     trace,  # noqa: ANN001 - TraceLike
     out_dir: str | Path,
@@ -90,6 +114,10 @@ def analyze_trace(
     md += [_table(["key", "value"], meta_rows), "",
            f"{trace.num_tokens} tokens in {trace.sequence_offsets().size - 1} sequences, {len(layers)} MoE layers, "
            f"{num_experts} experts, k_max = {trace.k_max}, {k} active experts per token (the cache-size unit).", ""]
+
+    if trace.metadata.get("depth"):
+        step("depth")
+        md += depth_section(trace, data)
 
     step("balance")
     balance = layer_balance(trace, batch_tokens=options.batch_tokens)
