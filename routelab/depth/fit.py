@@ -59,6 +59,10 @@ def evaluate_mode(model: Any, batches: Sequence[Batch], mode: str | None) -> dic
     stack = model.depth
     loss_sum, flops_sum, count = 0.0, 0.0, 0
     rates: dict[int, dict[str, float]] = {}
+    mismatch: dict[str, float] = {}
+    measure = hasattr(stack, "measure_mismatch")
+    if measure:
+        stack.measure_mismatch = True
     with frozen(model), (stack.use_mode(mode) if mode is not None else nullcontext()), torch.no_grad():
         for inputs, targets in batches:
             out = model(inputs)
@@ -67,15 +71,23 @@ def evaluate_mode(model: Any, batches: Sequence[Batch], mode: str | None) -> dic
             loss_sum += float(losses.sum())
             flops_sum += float(out.flops_per_token) * n
             count += n
+            for key, value in out.depth.extras.items():
+                if key.startswith("mismatch"):
+                    mismatch[key] = mismatch.get(key, 0.0) + value * n
             for decision in out.depth.decisions:
                 layer_rates = rates.setdefault(decision.layer, {})
                 for option, rate in decision.rates().items():
                     layer_rates[option] = layer_rates.get(option, 0.0) + rate * n
-    return {
+    if measure:
+        stack.measure_mismatch = False
+    report = {
         "val_loss": loss_sum / max(count, 1),
         "flops_per_token": flops_sum / max(count, 1),
         "rates": {str(layer): {o: v / max(count, 1) for o, v in r.items()} for layer, r in rates.items()},
     }
+    if mismatch:
+        report["mismatch"] = {k: v / max(count, 1) for k, v in mismatch.items()}
+    return report
 
 
 # --- Duo-LLM -----------------------------------------------------------------------------

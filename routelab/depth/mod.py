@@ -158,6 +158,7 @@ class MoDStack(DepthStack):
         hidden = predictor_hidden or max(d_model // 2, 1)
         self.predictors = nn.ModuleDict({str(l): CausalPredictor(d_model, hidden) for l in self.layers})
         self.predictor_hidden = hidden
+        self.measure_mismatch = False  # also compute the train/inference mismatch in evaluation
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "capacity": self.capacity, "layers": self.layers, "weight": self.weight}
@@ -172,30 +173,35 @@ class MoDStack(DepthStack):
         """``(selected_BS, weight_BS)`` of one routed layer; records losses, stats and mismatch."""
         router, predictor = self.routers[str(layer)], self.predictors[str(layer)]
         x_TD, tokens = flat_tokens(x_BSD, padding_mask_BS, context)
+        n = tokens.num_tokens
         routing = router(x_TD, tokens)
         logits_T = routing.logits[:, 0]
         topk_T = routing.topk_idx[:, 0] >= 0
-        result.flops.linear(self.d_model, 1, tokens.num_tokens, part="depth_router")
-        target_T = topk_T.float()
-        aux_logits_T = router(x_TD.detach(), tokens).logits[:, 0]  # stop-gradient input: trains the router only
-        mlp_logits_T = predictor(x_TD)
-        if self.training and tokens.num_tokens:
+        result.flops.linear(self.d_model, 1, n, part="depth_router")
+        mode = self.mode
+        need_mlp = self.training or self.measure_mismatch or mode == "causal-mlp"
+        mlp_logits_T = predictor(x_TD) if need_mlp else None
+        if need_mlp:
+            result.flops.linear(self.d_model, self.predictor_hidden, n, part="depth_router")
+            result.flops.linear(self.predictor_hidden, 1, n, part="depth_router")
+        if self.training and n:
+            target_T = topk_T.float()
+            # method (a): BCE on the router's logits from a stop-gradient input (trains only the router)
+            aux_logits_T = F.linear(x_TD.detach().float(), router.scorer.weight).squeeze(-1)
+            result.flops.linear(self.d_model, 1, n, part="depth_router")
             result.add_loss(f"mod_bce_{layer}", F.binary_cross_entropy_with_logits(aux_logits_T, target_T), self.aux_coef)
             result.add_loss(f"mod_predictor_{layer}", F.binary_cross_entropy_with_logits(mlp_logits_T, target_T),
                             self.predictor_coef)
-        with torch.no_grad():
-            n = max(tokens.num_tokens, 1)
-            result.extras[f"mismatch_aux_{layer}"] = float(((logits_T > 0) != topk_T).sum()) / n
-            result.extras[f"mismatch_mlp_{layer}"] = float(((mlp_logits_T > 0) != topk_T).sum()) / n
-        mode = self.mode
+        if (self.training or self.measure_mismatch) and n:
+            with torch.no_grad():
+                result.extras[f"mismatch_aux_{layer}"] = float(((logits_T > 0) != topk_T).sum()) / n
+                result.extras[f"mismatch_mlp_{layer}"] = float(((mlp_logits_T > 0) != topk_T).sum()) / n
         if mode == "topk":
             selected_T = topk_T
         elif mode == "causal-aux":
             selected_T = logits_T > 0
         else:
             selected_T = mlp_logits_T > 0
-            result.flops.linear(self.d_model, self.predictor_hidden, tokens.num_tokens, part="depth_router")
-            result.flops.linear(self.predictor_hidden, 1, tokens.num_tokens, part="depth_router")
         weight_T = self.router_weight(logits_T)
         gate_T = weight_T if weight_T is not None else torch.ones_like(logits_T)
         result.routings.append(dataclasses.replace(
