@@ -3,8 +3,7 @@
 A subset is given per sequence as ``idx_BN`` (positions in ascending order) with a
 ``valid_BN`` mask: ``selection_index`` builds it from a boolean selection so that the
 selected positions come first, in order, and the remaining slots point at distinct
-unselected positions (their values are passed through unchanged, so scattering back is
-exact). Selected tokens keep their original positions for the rotary embedding: the
+unselected positions (ignored when adding the block's update back with ``add_to_tokens``). Selected tokens keep their original positions for the rotary embedding: the
 cos/sin rows are gathered at ``idx_BN``, never renumbered ``0..N-1``.
 """
 
@@ -34,9 +33,12 @@ def gather_tokens(x_BSD: torch.Tensor, idx_BN: torch.Tensor) -> torch.Tensor:
     return x_BSD.gather(1, idx_BN.unsqueeze(-1).expand(-1, -1, x_BSD.shape[-1]))
 
 
-def scatter_tokens(x_BSD: torch.Tensor, idx_BN: torch.Tensor, values_BND: torch.Tensor) -> torch.Tensor:
-    """``x_BSD`` with rows ``idx_BN`` replaced by ``values_BND`` (out of place, differentiable)."""
-    return x_BSD.scatter(1, idx_BN.unsqueeze(-1).expand(-1, -1, x_BSD.shape[-1]), values_BND)
+def add_to_tokens(x_BSD: torch.Tensor, idx_BN: torch.Tensor, valid_BN: torch.Tensor, delta_BND: torch.Tensor) -> torch.Tensor:
+    """``x_BSD`` plus ``delta_BND`` at the valid rows ``idx_BN`` (out of place; the gradient to
+    ``x_BSD`` passes through unchanged, so the skipped tokens cost no extra backward work)."""
+    batch, seq, d_model = x_BSD.shape
+    rows_R = (idx_BN + torch.arange(batch, device=idx_BN.device).unsqueeze(1) * seq)[valid_BN]
+    return x_BSD.reshape(batch * seq, d_model).index_add(0, rows_R, delta_BND[valid_BN].to(x_BSD.dtype)).view_as(x_BSD)
 
 
 def subset_rope(cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, positions_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from routelab.core.errors import ConfigError
 from routelab.depth.blocks import (
-    attention_delta, ffn_delta, gather_tokens, run_block, scatter_tokens, selection_index, subset_context, subset_rope,
+    add_to_tokens, attention_delta, ffn_delta, gather_tokens, run_block, selection_index, subset_context, subset_rope,
 )
 from routelab.depth.mod import MoDStack, flat_tokens, to_grid
 from routelab.depth.result import DepthResult, LayerDecision
@@ -178,5 +178,5 @@ class GammaMoDStack(MoDStack):
             if routing is not None:
                 result.moe_routings.append(routing)
             new_sel = x_sel + p_BS.gather(1, idx_BN).unsqueeze(-1).to(y.dtype) * y
-            x_BSD = scatter_tokens(x_BSD, idx_BN, torch.where(valid_BN.unsqueeze(-1), new_sel, gather_tokens(x_BSD, idx_BN)))
+            x_BSD = add_to_tokens(x_BSD, idx_BN, valid_BN, new_sel - gather_tokens(x_BSD, idx_BN))
         return x_BSD, result

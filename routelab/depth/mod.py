@@ -33,7 +33,7 @@ from torch import nn
 
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
-from routelab.depth.blocks import gather_tokens, run_block, scatter_tokens, selection_index, subset_context, subset_rope
+from routelab.depth.blocks import add_to_tokens, gather_tokens, run_block, selection_index, subset_context, subset_rope
 from routelab.depth.result import DepthResult, LayerDecision
 from routelab.depth.stack import DepthStack
 from routelab.routers import create_router
@@ -103,8 +103,7 @@ def apply_routed_block(
     delta = y_sel - x_sel
     if weight_BS is not None:
         delta = delta * weight_BS.gather(1, idx_BN).unsqueeze(-1).to(delta.dtype)
-    new_sel = torch.where(valid_BN.unsqueeze(-1), x_sel + delta, x_sel)
-    return scatter_tokens(x_BSD, idx_BN, new_sel)
+    return add_to_tokens(x_BSD, idx_BN, valid_BN, delta)
 
 
 class MoDStack(DepthStack):
