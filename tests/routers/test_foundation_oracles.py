@@ -10,13 +10,13 @@ import torch
 import routelab
 from routelab.core.context import TokenBatch
 from routelab.core.stats import balance_stats, routing_stats
-from routelab.routers.balancers import LossFreeBias
-from routelab.routers.base import Router
-from routelab.routers.capacity import Capacity, expert_capacity
-from routelab.routers.gates import GateNorm
-from routelab.routers.losses import SwitchBalanceLoss, ZLoss, cv_squared
-from routelab.routers.score_functions import Identity, Softmax
-from routelab.routers.selectors import GroupLimitedTopK, TopK
+from routelab.routers.parts.balancers import LossFreeBias
+from routelab.routers.parts.router import Router
+from routelab.routers.parts.capacity import Capacity, expert_capacity
+from routelab.routers.parts.gates import GateNorm
+from routelab.routers.parts.losses import SwitchBalanceLoss, ZLoss, cv_squared
+from routelab.routers.parts.score_functions import Identity, Softmax
+from routelab.routers.parts.selectors import GroupLimitedTopK, TopK
 from tests.helpers import FixedScorer
 from tests.reference import reference_balance, reference_capacity_keep, reference_switch_loss
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import routelab
-from routelab.routers.base import RoutingDraft
+from routelab.routers.parts.router import RoutingDraft
 from tests.helpers import ALL_PRESETS, make_layer, preset, side_inputs, valid_top_k
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])

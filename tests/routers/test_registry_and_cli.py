@@ -110,6 +110,6 @@ def test_docs_preset_table_is_up_to_date() -> None:
 
     from routelab.routers.describe import BEGIN_MARK, END_MARK, presets_markdown
 
-    text = (Path(__file__).parents[1] / "docs" / "routers.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "routers.md").read_text()
     block = text[text.index(BEGIN_MARK) + len(BEGIN_MARK): text.index(END_MARK)]
     assert block.strip() == presets_markdown().strip()

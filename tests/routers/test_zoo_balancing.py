@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 from routelab import MoE, create_router, end_of_step
 from routelab.core.errors import ConfigError
-from routelab.routers.bip import bip_capacity, bip_dual_iterations
+from routelab.routers.families.balancing import bip_capacity, bip_dual_iterations
 
 ORACLE_S = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
 

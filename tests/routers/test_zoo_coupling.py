@@ -9,8 +9,8 @@ import torch
 
 import routelab
 from routelab.moe.experts import BatchedExperts
-from routelab.routers.coupling import erc_activation_matrix, erc_loss_from_matrix, erc_noise_bound
-from routelab.routers.expert_access import attach_experts
+from routelab.routers.families.coupling import erc_activation_matrix, erc_loss_from_matrix, erc_noise_bound
+from routelab.routers.parts.expert_access import attach_experts
 
 
 def test_noise_bound_oracle() -> None:

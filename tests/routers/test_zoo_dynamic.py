@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import routelab
 from routelab.core.context import TokenBatch
-from routelab.routers.base import RoutingDraft
-from routelab.routers.dynamic_k import EntropyLoss, PercentileSelector, TopPSelector
-from routelab.routers.schedules import layer_capacity_factors, layer_top_k
+from routelab.routers.parts.router import RoutingDraft
+from routelab.routers.families.dynamic import EntropyLoss, PercentileSelector, TopPSelector
+from routelab.routers.families.dynamic import layer_capacity_factors, layer_top_k
 
 P = [0.5, 0.3, 0.15, 0.05]
 

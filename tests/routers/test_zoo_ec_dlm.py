@@ -10,7 +10,7 @@ import torch
 from routelab import MoE, create_router
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError, InputError
-from routelab.routers.ec_dlm import SCHEDULES, norm_matching_factors, timestep_top_k
+from routelab.routers.families.ec_dlm import SCHEDULES, norm_matching_factors, timestep_top_k
 
 
 def test_linear_reverse_table_and_mean():

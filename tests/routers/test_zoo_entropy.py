@@ -9,9 +9,9 @@ import torch
 
 import routelab
 from routelab.core.context import TokenBatch
-from routelab.routers.base import RoutingDraft
-from routelab.routers.dynamic_k import TopPSelector
-from routelab.routers.entropy import DynMoLESelector, MagnetLoss, normalized_entropy, renyi_entropy, tsallis_entropy
+from routelab.routers.parts.router import RoutingDraft
+from routelab.routers.families.dynamic import TopPSelector
+from routelab.routers.families.entropy import DynMoLESelector, MagnetLoss, normalized_entropy, renyi_entropy, tsallis_entropy
 
 
 def draft_of(p_TE: torch.Tensor, training: bool = False) -> RoutingDraft:

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from routelab import MoE, create_router, end_of_step
 from routelab.core.errors import ConfigError
 from routelab.moe import apply_hops
-from routelab.routers.cosine import BandpassLoss, default_band
+from routelab.routers.families.geometry import BandpassLoss, default_band
 
 
 # --- cosine routing ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 import routelab
 from routelab.core.context import RoutingContext, TokenBatch
-from routelab.routers.token_graph import mix_probabilities
+from routelab.routers.families.graph import mix_probabilities
 
 D, E = 8, 6
 

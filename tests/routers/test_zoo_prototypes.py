@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import routelab
-from routelab.routers.prototypes import cluster_means, routing_contrastive_loss
+from routelab.routers.families.prototypes import cluster_means, routing_contrastive_loss
 
 
 def test_scores_are_cosine_similarities_to_the_prototypes_and_gates_are_the_cosine() -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 import routelab
 from routelab.core.context import RoutingContext, TokenBatch
-from routelab.routers.presets.recurrent import build_recurrent_routers
+from routelab.routers.families.recurrent import build_recurrent_routers
 
 D, E, R = 12, 5, 6
 

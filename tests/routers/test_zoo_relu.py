@@ -10,7 +10,7 @@ from routelab import MoE, create_router, end_of_step
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.sparsity import active_mask, chunk_level_sparsity, token_level_sparsity
-from routelab.routers.relu_routing import chunk_sparsity_loss
+from routelab.routers.families.relu import chunk_sparsity_loss
 
 # --- TLS / CLS ----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import routelab
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts
 from routelab.moe.pool import ExpertPool, build_rexmoe_layers, reuse_window
-from routelab.routers.reuse import enable_order
+from routelab.routers.families.reuse import enable_order
 from tests.reference import reference_moe
 
 D = 8

@@ -10,7 +10,7 @@ import torch
 import routelab
 from routelab.core.context import TokenBatch
 from routelab.moe.soft import SoftMoE
-from routelab.routers.soft_routing import SoftRouter, soft_dispatch_weights
+from routelab.routers.families.soft import SoftRouter, soft_dispatch_weights
 from tests.reference import reference_expert
 
 D = 8

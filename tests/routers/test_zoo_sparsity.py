@@ -8,7 +8,7 @@ import torch
 import routelab
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts
-from routelab.routers.sparsity_aware import expected_active_fraction
+from routelab.routers.families.sparsity import expected_active_fraction
 from tests.reference import reference_moe
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import routelab
-from routelab.routers.presets.recurrent import build_recurrent_routers
+from routelab.routers.families.recurrent import build_recurrent_routers
 from tests.helpers import ALL_PRESETS, preset, valid_top_k
 
 VOCAB, D_MODEL, NUM_EXPERTS = 50, 16, 6

@@ -10,8 +10,8 @@ from scipy.optimize import linear_sum_assignment
 from routelab import MoE, create_router, end_of_step
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
-from routelab.routers.balanced_assignment import auction_assignment, hungarian_assignment
-from routelab.routers.sinkhorn import sinkhorn_potentials, transport_plan
+from routelab.routers.parts.balanced_assignment import auction_assignment, hungarian_assignment
+from routelab.routers.parts.sinkhorn import sinkhorn_potentials, transport_plan
 
 
 def _plan(cost, xi, tol=1e-7, max_iter=2000):

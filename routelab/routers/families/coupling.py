@@ -1,4 +1,6 @@
-"""Expert-router coupling (ERC) loss (Lv, Ma, Ma & Qiao 2025, "Coupling Experts and
+"""Expert-router coupling (ERC) loss preset (Lv et al. 2025; spec §12).
+
+Expert-router coupling (ERC) loss (Lv, Ma, Ma & Qiao 2025, "Coupling Experts and
 Routers in Mixture-of-Experts via an Auxiliary Loss", arXiv 2512.23447, ICLR 2026).
 
 Each router row ``R_i`` is a proxy token for the tokens sent to expert i. Perturbed
@@ -21,10 +23,11 @@ from __future__ import annotations
 import torch
 
 from routelab.core.validation import check_non_negative
-from routelab.routers.base import RouterLoss, RoutingDraft
-from routelab.routers.expert_access import UsesExperts
-from routelab.routers.scorers import LinearScorer
-
+from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
+from routelab.routers.parts.expert_access import UsesExperts
+from routelab.routers.parts.router import Router, RouterLoss, RoutingDraft
+from routelab.routers.parts.scorers import LinearScorer
+from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 
 def erc_noise_bound(router_weight_ED: torch.Tensor) -> torch.Tensor:
     """``eps_i = min_{j != i} ||R_i - R_j||_2 / (2 ||R_i||_2)`` for every row (0 for a single row)."""
@@ -88,3 +91,41 @@ class WeightExposingLinearScorer(LinearScorer):
     def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
         draft.extras["router_weight_ED"] = self.weight.float()
         return super().forward(x_TD, draft)
+
+
+@register_preset(
+    "erc",
+    description="softmax top-k + expert-router coupling loss: perturbed router rows as proxy tokens through every "
+    "expert's gate projection, hinge on M_ij vs alpha*M_ii (reads the layer's experts)",
+    paper="Lv, Ma, Ma & Qiao 2025, Coupling Experts and Routers in MoE via an Auxiliary Loss (arXiv 2512.23447, ICLR 2026)",
+    default_top_k=2,
+    common_defaults={"aux_loss_coef": 1e-2},
+)
+def build_erc(
+    spec: RouterSpec,
+    common: CommonOptions,
+    *,
+    erc_loss_coef: float = 1.0,
+    erc_alpha: float = 1.0,
+    erc_noise: bool = True,
+    normalization: str = "auto",
+) -> Router:
+    """ERC: a Mixtral-style router (softmax top-k, renormalised for k > 1, Switch loss)
+    plus ``erc_loss_coef * L_ERC``. ``L_ERC`` feeds the router rows ``R_i``, perturbed by
+    ``U(1 - eps_i, 1 + eps_i)`` noise (``eps_i`` = half the distance to the nearest other
+    row over ``||R_i||``), through every expert's gate projection and averages
+    ``relu(M_ij - alpha M_ii) + relu(M_ji - alpha M_ii)`` over the ``E^2`` pairs
+    (``alpha`` 1.0 at E=64, 0.5 at E=256 in the paper). The experts are the layer's
+    (attached by ``routelab.MoE``); the coefficient is not given in the paper [recon].
+    """
+    erc_loss = ERCLoss(check_non_negative("erc_loss_coef", erc_loss_coef), alpha=erc_alpha, noise=erc_noise)
+    scorer = WeightExposingLinearScorer(
+        spec.d_model, spec.num_experts, init_std=common.router_init_std, jitter_eps=common.jitter_eps
+    )
+    return assemble_router(
+        spec,
+        common,
+        scorer=scorer,
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
+        extra_losses=[erc_loss],
+    )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from routelab.core.validation import check_non_negative
-from routelab.routers.balancers import LossFreeBias
-from routelab.routers.base import Router
-from routelab.routers.presets.common import assemble_router, softmax_gate_mode
+from routelab.routers.parts.balancers import LossFreeBias
+from routelab.routers.parts.router import Router
+from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Sigmoid
-from routelab.routers.selectors import GroupLimitedTopK, TopK
+from routelab.routers.parts.score_functions import Sigmoid
+from routelab.routers.parts.selectors import GroupLimitedTopK, TopK
 
 
 def default_num_groups(num_experts: int, top_k: int) -> int:

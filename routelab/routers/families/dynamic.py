@@ -1,4 +1,6 @@
-"""Dynamic-k selectors: each token takes as many experts as it needs.
+"""Dynamic-k presets: top-p routing (An et al. 2024) and DynaMoE (Gülmez 2026), spec §9.
+
+Dynamic-k selectors: each token takes as many experts as it needs.
 
 * ``TopPSelector`` — Huang, An et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in
   MoE Models" (arXiv 2403.07652; code ``ZhenweiAn/Dynamic_MoE``,
@@ -16,16 +18,42 @@
 
 Both selectors return ``K`` slots equal to the largest number of experts any token of the
 batch takes, with ``-1`` in unused slots.
+
+Layer-wise expert budgets: how many experts (or how much capacity) each layer gets.
+
+DynaMoE (Gülmez 2026, "DynaMoE: Dynamic Token-Level Expert Activation with Layer-Wise
+Adaptive Capacity", arXiv 2603.01697) gives every layer its own maximum number of active
+experts ``K_l`` following one of six schedules over the depth position
+``x = l / (L - 1)`` (``x = 0`` for a single layer):
+
+* ``uniform``:          ``high`` everywhere;
+* ``descending``:       linear from ``high`` (first layer) to ``low`` (last);
+* ``ascending``:        linear from ``low`` to ``high``;
+* ``pyramid``:          ``low`` at both ends, ``high`` at mid-depth (a tent);
+* ``inverse-pyramid``:  ``high`` at both ends, ``low`` at mid-depth;
+* ``wave``:             ``low + (high - low) * (1 + sin(2 pi c x)) / 2`` with ``c`` cycles.
+
+The paper names uniform, descending, ascending, pyramid and wave; the sixth schedule
+(inverse pyramid) and the exact shapes of pyramid and wave are a reconstruction [recon].
+
+Use ``layer_top_k`` for integer ``k`` per layer (rounded half up, clamped to
+``[low, high]``) and ``layer_capacity_factors`` for float capacity factors, e.g.::
+
+    ks = layer_top_k("descending", num_layers=4, k_min=1, k_max=4)   # [4, 3, 2, 1]
+    layers = [routelab.MoE(..., router="dynamoe", top_k=k) for k in ks]
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from routelab.core.errors import ConfigError
-from routelab.core.validation import check_choice, check_positive_int, check_probability
-from routelab.routers.base import RouterLoss, RoutingDraft, Selector
-
+from routelab.core.validation import check_choice, check_non_negative, check_positive_int, check_probability
+from routelab.routers.parts.assembly import assemble_router
+from routelab.routers.parts.router import Router, RouterLoss, RoutingDraft, Selector
+from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 
 def pack_mask(order_TE: torch.Tensor, keep_TE: torch.Tensor, gate_source_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a per-rank keep mask into ``(topk_idx_TK, gate_TK)``.
@@ -155,3 +183,131 @@ class EntropyLoss(RouterLoss):
         p_TE = draft.probs_TE()
         plogp_TE = torch.where(p_TE > 0, p_TE * p_TE.clamp_min(1e-30).log(), torch.zeros_like(p_TE))
         return -plogp_TE.sum(dim=-1).mean()
+
+
+SCHEDULES = ("uniform", "descending", "ascending", "pyramid", "inverse-pyramid", "wave")
+
+
+def schedule_fraction(schedule: str, depth: float, *, wave_cycles: float = 1.0) -> float:
+    """Where layer depth ``depth`` in [0, 1] sits between ``low`` (0) and ``high`` (1)."""
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule == "uniform":
+        return 1.0
+    if schedule == "descending":
+        return 1.0 - depth
+    if schedule == "ascending":
+        return depth
+    tent = 1.0 - abs(2.0 * depth - 1.0)
+    if schedule == "pyramid":
+        return tent
+    if schedule == "inverse-pyramid":
+        return 1.0 - tent
+    return (1.0 + math.sin(2.0 * math.pi * wave_cycles * depth)) / 2.0
+
+
+def layer_schedule(schedule: str, num_layers: int, low: float, high: float, *, wave_cycles: float = 1.0) -> list[float]:
+    """The raw (float) budget of each of ``num_layers`` layers between ``low`` and ``high``."""
+    num_layers = check_positive_int("num_layers", num_layers)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ConfigError(f"the schedule needs finite low <= high, got low={low}, high={high}.")
+    if not math.isfinite(float(wave_cycles)):
+        raise ConfigError(f"wave_cycles must be finite, got {wave_cycles}.")
+    values = []
+    for layer in range(num_layers):
+        depth = layer / (num_layers - 1) if num_layers > 1 else 0.0
+        values.append(low + (high - low) * schedule_fraction(schedule, depth, wave_cycles=wave_cycles))
+    return values
+
+
+def layer_top_k(schedule: str, num_layers: int, k_min: int, k_max: int, *, wave_cycles: float = 1.0) -> list[int]:
+    """Experts per token ``K_l`` for each layer: the schedule rounded half up, in ``[k_min, k_max]``.
+
+    Example: ``layer_top_k("descending", 4, 1, 4) == [4, 3, 2, 1]``.
+    """
+    k_min = check_positive_int("k_min", k_min)
+    k_max = check_positive_int("k_max", k_max)
+    if k_min > k_max:
+        raise ConfigError(f"k_min={k_min} must be <= k_max={k_max}.")
+    values = layer_schedule(schedule, num_layers, k_min, k_max, wave_cycles=wave_cycles)
+    return [min(k_max, max(k_min, math.floor(v + 0.5))) for v in values]
+
+
+def layer_capacity_factors(
+    schedule: str, num_layers: int, low: float, high: float, *, wave_cycles: float = 1.0
+) -> list[float]:
+    """A capacity factor per layer (floats, for ``capacity_factor=``), following ``schedule``."""
+    if not float(low) > 0:
+        raise ConfigError(f"capacity factors must be > 0, got low={low}.")
+    return layer_schedule(schedule, num_layers, low, high, wave_cycles=wave_cycles)
+
+
+_RAW_GATES = "gates are raw softmax probabilities of the kept experts (not renormalised), as in the paper"
+
+
+@register_preset(
+    "top-p",
+    description="dynamic-k: keep experts until their cumulative probability exceeds P (0.4); raw-probability gates; "
+    "entropy (dynamic) loss 1e-4 + Switch loss 1e-2",
+    paper="Huang, An et al. 2024, Harder Tasks Need More Experts: Dynamic Routing in MoE Models (arXiv 2403.07652, ACL 2024)",
+    default_top_k=2,
+    common_defaults={"aux_loss_coef": 1e-2},
+    exemptions={"weights_sum_to_one": _RAW_GATES},
+)
+def build_top_p(
+    spec: RouterSpec,
+    common: CommonOptions,
+    *,
+    top_p: float = 0.4,
+    dynamic_loss_coef: float = 1e-4,
+    max_experts: int | None = None,
+) -> Router:
+    """Top-p routing of "Harder Tasks Need More Experts": ``p = softmax(z)`` sorted
+    descending; every expert up to and including the first whose cumulative probability
+    exceeds ``top_p`` is used (at least one, at most ``max_experts`` when set). Gates are
+    the raw ``p``. Losses: the dynamic loss ``mean_t H(p_t)`` (``dynamic_loss_coef``; the
+    coefficients 1e-4 / 1e-2 are unverified) and the Switch balance loss
+    (``aux_loss_coef``). ``top_k`` is only the nominal k of ``capacity_factor``.
+    """
+    entropy_loss = EntropyLoss(check_non_negative("dynamic_loss_coef", dynamic_loss_coef))
+    return assemble_router(
+        spec,
+        common,
+        selector=TopPSelector(spec.num_experts, top_p, max_experts),
+        gate_mode="none",
+        extra_losses=[entropy_loss],
+    )
+
+
+@register_preset(
+    "dynamoe",
+    description="dynamic-k: experts with p >= the batch's q-quantile (0.9) of probabilities, 1..top_k per token; "
+    "per-layer top_k from routelab.routers.families.dynamic.layer_top_k",
+    paper="Gülmez 2026, DynaMoE: Dynamic Token-Level Expert Activation with Layer-Wise Adaptive Capacity "
+    "(arXiv 2603.01697)",
+    default_top_k=2,
+    common_defaults={"aux_loss_coef": 1e-2},
+)
+def build_dynamoe(
+    spec: RouterSpec,
+    common: CommonOptions,
+    *,
+    percentile: float = 0.9,
+    percentile_scope: str = "batch",
+    normalization: str = "renorm",
+) -> Router:
+    """DynaMoE percentile-thresholded gating [recon]: ``tau`` is the ``percentile``
+    quantile of all router probabilities of the batch (``percentile_scope='token'``: of
+    each token's); a token uses the experts with ``p >= tau``, at least 1 and at most
+    ``top_k`` (= the layer's ``K_l``; give each layer its own with
+    ``routelab.routers.families.dynamic.layer_top_k``). Gates are renormalised over the used
+    experts (``normalization='none'`` keeps raw probabilities) [recon]. Switch balance
+    loss 1e-2 [recon].
+    """
+    check_choice("normalization", normalization, ("renorm", "none"))
+    return assemble_router(
+        spec,
+        common,
+        selector=PercentileSelector(spec.num_experts, spec.top_k, percentile, percentile_scope),
+        gate_mode=normalization,
+    )

@@ -1,4 +1,6 @@
-"""Expert-choice selection (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
+"""The expert-choice preset (Zhou et al. 2022; spec §2).
+
+Expert-choice selection (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
 Each expert picks its ``C`` highest-scoring tokens instead of each token picking experts.
 Grouping is per sequence by default (EC-DLM, ``zhangshuibai/EC-DLM``): sequence ``b``
@@ -21,7 +23,9 @@ from __future__ import annotations
 import torch
 
 from routelab.core.validation import check_capacity_factor, check_choice, check_top_k
-from routelab.routers.base import RoutingDraft, Selector
+from routelab.routers.parts.assembly import assemble_router
+from routelab.routers.parts.router import Router, RoutingDraft, Selector
+from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 
 EC_GATES = ("softmax", "post-softmax", "sigmoid")
 EC_GROUPINGS = ("sequence", "batch")
@@ -119,3 +123,28 @@ class ExpertChoice(Selector):
             sig_TE = torch.sigmoid(draft.logits_TE) * mask_TE
             gate_TK = (sig_TE / sig_TE.sum(dim=1, keepdim=True).clamp_min(1e-20)).gather(1, idx_TK)
         return torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
+
+
+@register_preset(
+    "expert-choice",
+    description="each expert picks its top-C tokens per sequence (C = L*k*cf/E); tokens get 0..E experts",
+    paper="Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing (arXiv 2202.09368)",
+    default_top_k=2,
+    common_defaults={"capacity_factor": 1.0},
+)
+def build_expert_choice(
+    spec: RouterSpec, common: CommonOptions, *, ec_gate: str = "softmax", ec_grouping: str = "sequence"
+) -> Router:
+    """Expert choice: ``top_k`` is the average number of experts per token and
+    ``capacity_factor`` scales every expert's per-sequence capacity ``floor(L*k*cf/E)``.
+    ``ec_gate`` is ``softmax`` (Zhou et al.), ``post-softmax`` or ``sigmoid`` (EC-DLM);
+    ``ec_grouping`` is ``sequence`` (default) or ``batch``.
+    """
+    selector = ExpertChoice(
+        spec.num_experts,
+        spec.top_k,
+        capacity_factor=common.capacity_factor or 1.0,
+        gate=ec_gate,
+        grouping=ec_grouping,
+    )
+    return assemble_router(spec, common, selector=selector, gate_mode="none", capacity=None)

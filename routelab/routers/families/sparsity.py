@@ -1,4 +1,6 @@
-"""Sparsity-aware routing of MoE-X (Yang et al. 2025, "Mixture of Experts Made
+"""MoE-X sparsity-aware routing preset (Yang et al. 2025; spec §14).
+
+Sparsity-aware routing of MoE-X (Yang et al. 2025, "Mixture of Experts Made
 Intrinsically Interpretable", arXiv 2503.07639).
 
 MoE-X experts are ReLU MLPs ``f_j(x) = W_dec^j ReLU(W_enc^j x)`` and tokens go to the
@@ -30,8 +32,10 @@ import torch
 
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_choice
-from routelab.routers.base import RoutingDraft, Scorer
-from routelab.routers.expert_access import UsesExperts
+from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
+from routelab.routers.parts.expert_access import UsesExperts
+from routelab.routers.parts.router import Router, RoutingDraft, Scorer
+from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 
 STAT_MODES = ("per-input", "per-expert")
 SCORE_FORMS = ("neg", "log")
@@ -86,3 +90,35 @@ class SparsityAwareScorer(Scorer, UsesExperts):
         if self.score == "neg":
             return -rho_TE / self.temperature
         return torch.log1p(-rho_TE.clamp_max(1.0 - 1e-6)) / self.temperature
+
+
+@register_preset(
+    "moe-x",
+    description="route to the experts whose ReLU activation is estimated sparsest, rho = Phi(mean/std) from the "
+    "experts' encoder-weight statistics (no router weights; use activation='relu')",
+    paper="Yang et al. 2025, Mixture of Experts Made Intrinsically Interpretable (MoE-X, arXiv 2503.07639)",
+    default_top_k=2,
+)
+def build_moe_x(
+    spec: RouterSpec,
+    common: CommonOptions,
+    *,
+    moex_stats: str = "per-input",
+    moex_score: str = "neg",
+    moex_temperature: float = 1.0,
+    normalization: str = "auto",
+) -> Router:
+    """MoE-X sparsity-aware routing [recon]: logits ``-rho_j(x) / tau`` where ``rho_j`` is
+    the Gaussian estimate of the fraction of expert j's hidden units that fire on ``x``
+    (``moex_stats='per-input'``: weight mean/variance per input feature, default;
+    ``'per-expert'``: one mean/std per expert, the spec's reading; ``moex_score='log'``
+    uses ``log(1 - rho)``). Top-k; gates are the softmax over the selected logits. The
+    statistics come from the layer's expert weights (attached by ``routelab.MoE``); the
+    paper's experts are ReLU MLPs: build the layer with ``activation='relu'``.
+    """
+    return assemble_router(
+        spec,
+        common,
+        scorer=SparsityAwareScorer(spec.num_experts, stats=moex_stats, score=moex_score, temperature=moex_temperature),
+        gate_mode=softmax_gate_mode(normalization, spec.top_k),
+    )

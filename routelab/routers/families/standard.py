@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from routelab.core.validation import check_choice, check_non_negative
-from routelab.routers.base import Router
-from routelab.routers.losses import ImportanceLoss, LoadLoss
-from routelab.routers.presets.common import NORMALIZATIONS, assemble_router, softmax_gate_mode
+from routelab.routers.parts.router import Router
+from routelab.routers.parts.losses import ImportanceLoss, LoadLoss
+from routelab.routers.parts.assembly import NORMALIZATIONS, assemble_router, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-from routelab.routers.score_functions import Sigmoid
-from routelab.routers.scorers import NoisyLinearScorer
+from routelab.routers.parts.score_functions import Sigmoid
+from routelab.routers.parts.scorers import NoisyLinearScorer
 
 _POSITION_DROP = "with capacity and drop_policy='position', which tokens survive depends on their order"
 

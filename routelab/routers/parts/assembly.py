@@ -10,14 +10,14 @@ from torch import nn
 
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_choice
-from routelab.routers.base import Balancer, Router, RouterLoss, ScoreFunction, Scorer, Selector
-from routelab.routers.capacity import Capacity
-from routelab.routers.gates import GateNorm
-from routelab.routers.losses import SequenceBalanceLoss, SwitchBalanceLoss, ZLoss
+from routelab.routers.parts.router import Balancer, Router, RouterLoss, ScoreFunction, Scorer, Selector
+from routelab.routers.parts.capacity import Capacity
+from routelab.routers.parts.gates import GateNorm
+from routelab.routers.parts.losses import SequenceBalanceLoss, SwitchBalanceLoss, ZLoss
 from routelab.routers.registry import CommonOptions, RouterSpec
-from routelab.routers.score_functions import Softmax
-from routelab.routers.scorers import LinearScorer
-from routelab.routers.selectors import TopK
+from routelab.routers.parts.score_functions import Softmax
+from routelab.routers.parts.scorers import LinearScorer
+from routelab.routers.parts.selectors import TopK
 
 # Gate normalisations of spec §1 (names as in the spec), with what they mean in parts.
 NORMALIZATIONS = ("pre_softmax_norenorm", "renorm", "sigmoid_norm")

@@ -142,7 +142,7 @@ def entropic_prices(values_TE: torch.Tensor, top_k: int, cap_E: torch.Tensor, va
     gives prices ``-xi * g``. Only a starting point: the auction's result does not depend
     on it beyond eps-optimality, it just needs far fewer rounds.
     """
-    from routelab.routers.sinkhorn import sinkhorn_potentials
+    from routelab.routers.parts.sinkhorn import sinkhorn_potentials
 
     num_tokens, num_experts = values_TE.shape
     xi = max(value_range / 20.0, 1e-6)

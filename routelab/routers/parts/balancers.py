@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from routelab.core.validation import check_choice, check_non_negative
-from routelab.routers.base import Balancer, RoutingDraft
+from routelab.routers.parts.router import Balancer, RoutingDraft
 
 STEP_RULES = ("sign", "proportional", "decaying")
 

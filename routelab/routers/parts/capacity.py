@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from routelab.core.validation import check_capacity_factor, check_choice
-from routelab.routers.base import RoutingDraft
+from routelab.routers.parts.router import RoutingDraft
 
 DROP_POLICIES = ("probs", "position")
 

@@ -50,7 +50,7 @@ class UsesExperts:
             raise ConfigError(
                 f"{type(self).__name__} reads the experts' weights but none are attached. Use the router inside "
                 "routelab.MoE (which attaches its experts), or call "
-                "routelab.routers.expert_access.attach_experts(router, experts) first."
+                "routelab.routers.parts.expert_access.attach_experts(router, experts) first."
             )
         return experts
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from routelab.core.validation import check_choice
-from routelab.routers.base import RoutingDraft
+from routelab.routers.parts.router import RoutingDraft
 
 GATE_NORMS = ("none", "renorm")
 

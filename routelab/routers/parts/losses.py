@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from routelab.routers.base import RouterLoss, RoutingDraft
+from routelab.routers.parts.router import RouterLoss, RoutingDraft
 
 
 def assignment_fractions(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

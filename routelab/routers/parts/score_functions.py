@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from routelab.core.errors import unknown_name
-from routelab.routers.base import RoutingDraft, ScoreFunction
+from routelab.routers.parts.router import RoutingDraft, ScoreFunction
 
 
 class Softmax(ScoreFunction):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routelab.routers.base import RoutingDraft, Scorer
+from routelab.routers.parts.router import RoutingDraft, Scorer
 
 
 def apply_input_jitter(x_TD: torch.Tensor, eps: float, training: bool) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_positive_int, check_top_k
-from routelab.routers.base import RoutingDraft, Selector
+from routelab.routers.parts.router import RoutingDraft, Selector
 
 
 class TopK(Selector):
