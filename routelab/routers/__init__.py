@@ -1,4 +1,4 @@
-"""Routers: parts (scorers, score functions, selectors, balancers, losses) and presets."""
+"""Routers: the generic pipeline (``parts``), one module per paper family (``families``) and the registry."""
 
 from routelab.routers import families as _families  # noqa: F401  (registers the presets)
 from routelab.routers.parts.router import Router, RoutingDraft, end_of_step

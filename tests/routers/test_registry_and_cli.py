@@ -113,3 +113,19 @@ def test_docs_preset_table_is_up_to_date() -> None:
     text = (Path(__file__).parents[2] / "docs" / "routers.md").read_text()
     block = text[text.index(BEGIN_MARK) + len(BEGIN_MARK): text.index(END_MARK)]
     assert block.strip() == presets_markdown().strip()
+
+
+def test_docs_family_table_names_the_module_of_every_preset() -> None:
+    """docs/routers.md lists each family file with its presets; each preset's builder lives there."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "routers.md").read_text()
+    section = text[text.index("## Where the code lives"): text.index("## Per-method pages")]
+    documented = {}
+    for module, presets in re.findall(r"^\| `(\w+)\.py` \| (.+) \|$", section, flags=re.MULTILINE):
+        for name in re.findall(r"`([\w-]+)`", presets):
+            documented[name] = module
+    actual = {r["name"]: routelab.preset_info(r["name"]).builder.__module__ for r in routelab.list_routers()}
+    assert documented == {name: module.rsplit(".", 1)[1] for name, module in actual.items()}
+    assert all(module.startswith("routelab.routers.families.") for module in actual.values())

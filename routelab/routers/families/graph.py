@@ -200,7 +200,7 @@ def graph_router(spec: RouterSpec, common: CommonOptions, score_fn: TokenGraphSo
     exemptions={
         "token_permutation": "with similarity_causal=True (the default, for decoders) a token mixes only with earlier "
         "tokens, so its routing depends on the order of its sequence; with similarity_causal=False it is "
-        "equivariant to permutations within a sequence (tested in tests/test_zoo_graph.py)",
+        "equivariant to permutations within a sequence (tested in tests/routers/test_zoo_graph.py)",
     },
 )
 def build_similarity_aware(
