@@ -8,7 +8,7 @@ import torch
 from routelab.core.errors import ConfigError
 from routelab.depth.mod import MoDStack
 from routelab.models.tinylm import TinyLM, TinyLMConfig
-from tests.depth_reference import mod_layer_reference
+from tests.depth.reference import mod_layer_reference
 
 VOCAB = 40
 
@@ -39,7 +39,7 @@ def test_mod_capacity_one_without_weight_is_the_dense_block() -> None:
 
 def test_mod_matches_the_per_token_reference_with_original_positions() -> None:
     from routelab.core.context import RoutingContext
-    from tests.depth_reference import block_on_tokens
+    from tests.depth.reference import block_on_tokens
 
     m = model("mod", n_layers=1, capacity=0.5, layers=[0])
     x = torch.randn(2, 12, 32)
