@@ -94,6 +94,12 @@ def test_train_cli_depth_flags_and_errors(tmp_path):
     assert "## Depth decisions" in report and "compute per token" in report.lower()
     data = json.loads((tmp_path / "val.trace-analysis" / "analysis.json").read_text())
     assert set(data["depth"]["rates"]) == {"1"}  # every other block: only layer 1 of 2 is routed
+    arank = runner.invoke(app, ["depth", "arank", str(out / "model.pt"), "--layers", "1", "--seq-len", "16",
+                                "--cache-dir", str(tmp_path / "cache")])
+    assert arank.exit_code == 0, arank.output
+    assert "--depth-option layers=[" in arank.output
+    listed = runner.invoke(app, ["depth", "list"])
+    assert listed.exit_code == 0 and "training-time only" in listed.output and "drllm" in listed.output
     bad = runner.invoke(app, ["train", "--router", "dense", "--depth-router", "mdo", "--steps", "2", *flags])
     assert bad.exit_code == 2 and "Did you mean 'mod'" in bad.output
     moe = runner.invoke(app, ["train", "--router", "mixtral", "--depth-router", "duo", "--steps", "2", *flags])
