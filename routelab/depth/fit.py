@@ -15,8 +15,8 @@ Duo-LLM's oracle and Dr.LLM's MCTS paths), each with its loss and executed FLOPs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -42,16 +42,15 @@ def token_losses(model: Any, inputs: torch.Tensor, targets: torch.Tensor) -> tup
     return losses, float(out.flops_per_token)
 
 
-def frozen(model: Any):  # noqa: ANN201 - a context manager
-    """Evaluation mode and no gradients for the LM (restores the training flag)."""
-    class _Frozen:
-        def __enter__(self) -> None:
-            self.was = model.training
-            model.eval()
-
-        def __exit__(self, *exc: object) -> None:
-            model.train(self.was)
-    return _Frozen()
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """Evaluation mode for the LM while a second stage or a mode report runs (restores the flag)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def evaluate_mode(model: Any, batches: Sequence[Batch], mode: str | None) -> dict[str, Any]:

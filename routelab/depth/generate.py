@@ -17,6 +17,7 @@ is training-time only: it needs the future of the sequence.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from routelab.core.context import RoutingContext
 from routelab.core.errors import ConfigError, InputError
-from routelab.depth.blocks import KV_CACHE_KEY
+from routelab.depth.blocks import KV_CACHE_KEY, run_block
 from routelab.depth.flops import FlopCounter
 
 
@@ -102,8 +103,6 @@ def step_logits(model: Any, token: torch.Tensor, position: int, cache: KVCache, 
     stack = model.depth
     if stack is None:
         for block in model.blocks:
-            from routelab.depth.blocks import run_block  # noqa: PLC0415
-
             x, _ = run_block(block, x, cos, sin, None, context, counter, model.config.activation)
     else:
         threshold = None
@@ -145,7 +144,7 @@ def generate(model: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, tempe
                 stack.set_decisions(torch.stack([d.choice_BS[:, 0] for d in out.depth.decisions], dim=1))
             ids = prompt[0].tolist()
             logits = []
-            mode = stack.use_mode("given") if stack is not None and stack.name == "drllm" else _null()
+            mode = stack.use_mode("given") if stack is not None and stack.name == "drllm" else nullcontext()
             with mode:
                 for position in range(total - 1):
                     if position >= len(ids):
@@ -168,10 +167,3 @@ def generate(model: Any, prompt_ids: torch.Tensor, max_new_tokens: int, *, tempe
         model.train(was_training)
     return Generation(torch.stack(rows), torch.stack(all_logits), caches, counter.per_token())
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
