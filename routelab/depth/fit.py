@@ -27,6 +27,7 @@ from routelab.depth.drllm import focal_loss, mcts_paths
 from routelab.depth.oracle import SMALL, oracle_search, token_difficulty
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, S], targets [B, S])
+HALTING_SWEEP = (0.3, 0.5, 1.0)
 
 
 def as_pairs(batches: Iterable[Any]) -> list[Batch]:
@@ -338,6 +339,16 @@ def mode_report(model: Any, batches: Iterable[Any], *, drllm_simulations: int = 
         report["oracle"] = duo_oracle_report(model, pairs)
     if stack.name == "drllm":
         report["mcts"] = drllm_mcts_report(model, pairs, simulations=drllm_simulations)
+    causal = {key: key in stack.causal_modes for key in report}
+    if stack.name == "halting":  # the paper gives no threshold: sweep it
+        configured = stack.threshold
+        try:
+            for theta in HALTING_SWEEP:
+                stack.threshold = theta
+                report[f"halt@{theta}"] = evaluate_mode(model, pairs, "halt")
+                causal[f"halt@{theta}"] = True
+        finally:
+            stack.threshold = configured
     for key in report:
-        report[key]["causal"] = key in stack.causal_modes
+        report[key]["causal"] = causal[key]
     return report
