@@ -191,15 +191,16 @@ class Router(nn.Module):
             draft.topk_idx_TK, draft.gate_TK = topk_idx_TK, gate_TK
 
             losses = self._losses(draft)
-            if self.training and self.balancer is not None:
-                with torch.no_grad():
-                    self.balancer.observe(draft)
 
             load_before_drop_E = expert_load(topk_idx_TK, self.num_experts)
             selected = load_before_drop_E.sum()
             capacity = None
             if self.capacity is not None:
                 topk_idx_TK, gate_TK, capacity = self.capacity(topk_idx_TK, gate_TK, draft)
+            draft.extras["kept_topk_idx_TK"] = topk_idx_TK
+            if self.training and self.balancer is not None:
+                with torch.no_grad():
+                    self.balancer.observe(draft)
             stats = routing_stats(
                 topk_idx_TK,
                 self.num_experts,

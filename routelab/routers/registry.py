@@ -42,7 +42,8 @@ class CommonOptions:
         jitter_eps: multiplicative input jitter in training (Switch; 0 = off).
         capacity_factor: token-dropping capacity factor; None = dropless. Expert-choice
             presets use it as their per-group capacity factor instead.
-        drop_policy: ``probs`` or ``position`` (which assignments are kept under capacity).
+        drop_policy: ``probs``, ``position`` or ``choice_then_position`` (which assignments are
+            kept under capacity; see ``routelab.routers.capacity``).
         router_init_std: std of the router weight initialisation.
     """
 
