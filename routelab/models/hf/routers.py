@@ -30,7 +30,7 @@ from torch import nn
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.routers.balancers import LossFreeBias
-from routelab.routers.base import Balancer, Router, RoutingDraft, Scorer, Selector
+from routelab.routers.base import Balancer, Router, RoutingDraft, Scorer, ScoreGatesSelector, Selector
 from routelab.routers.gates import GateNorm
 from routelab.routers.registry import create_router
 from routelab.routers.score_functions import Sigmoid, Softmax
@@ -166,6 +166,12 @@ class LogitTopKSoftmax(Selector):
         gate_TK = torch.softmax(draft.logits_TE.gather(1, topk_idx_TK), dim=1)
         return topk_idx_TK, gate_TK
 
+    supports_replay = True
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        assert draft.logits_TE is not None
+        return torch.softmax(draft.logits_TE.gather(1, topk_idx_TK), dim=1)
+
 
 def add_logit_offset(router: Router, name: str, offset: torch.Tensor, *, trainable: bool = False) -> LogitOffset:
     """Add a named offset to the logits of ``router`` (wrapping its scorer once); returns it."""
@@ -251,7 +257,7 @@ def native_router(arch: Architecture, original: nn.Module) -> Router:
     return router.to(original.weight.device)
 
 
-class DeepseekV3NativeTopK(Selector):
+class DeepseekV3NativeTopK(ScoreGatesSelector):
     """DeepSeek-V3's group-limited top-k exactly as transformers' ``DeepseekV3TopkRouter``
     computes it, slot order included.
 
