@@ -196,6 +196,11 @@ def create_router(
     common = CommonOptions(**common_kwargs).validate()
     router = info.builder(RouterSpec(d_model, num_experts, top_k), common, **specific_kwargs)
     router.name = name
+    from routelab.routers.option_use import check_common_options_used
+
+    preset_defaults = dataclasses.asdict(CommonOptions(**info.common_defaults))
+    given = {key: value for key, value in overrides.items() if key in COMMON_OPTION_NAMES}
+    check_common_options_used(name, router, given, preset_defaults)
     return router
 
 
