@@ -61,6 +61,8 @@ def check_common_options_used(name: str, router: nn.Module, given: dict[str, Any
     for option, value in given.items():
         if option not in defaults or value == defaults[option]:
             continue
+        if option in ("jitter_eps", *_LOSSES) and not value:  # switching a part off is always allowed
+            continue
         reason = _unused_reason(option, value, router)
         if reason is not None:
             raise ConfigError(f"router {name!r} would ignore {option}={value!r}: {reason}. Leave {option} out.")
