@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from routelab.core.errors import ConfigError
-from routelab.routers.capacity import Capacity
-from routelab.routers.losses import SequenceBalanceLoss, SwitchBalanceLoss, ZLoss
-from routelab.routers.scorers import ConstantScorer
+from routelab.routers.parts.capacity import Capacity
+from routelab.routers.parts.losses import SequenceBalanceLoss, SwitchBalanceLoss, ZLoss
+from routelab.routers.parts.scorers import ConstantScorer
 
 _LOSSES = {"aux_loss_coef": SwitchBalanceLoss, "seq_aux_loss_coef": SequenceBalanceLoss, "z_loss_coef": ZLoss}
 

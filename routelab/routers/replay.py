@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.routers.base import Router, RoutingDraft
+from routelab.routers.parts.router import Router, RoutingDraft
 
 
 @dataclass
