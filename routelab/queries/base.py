@@ -134,3 +134,25 @@ def list_query_routers() -> list[dict[str, str]]:
 
     return [{"name": cls.name, "kind": cls.kind, "paper": cls.paper, "options": ", ".join(router_options(cls))}
             for cls in ROUTERS]
+
+
+class single_thread:
+    """Run a block on one CPU thread (torch and the BLAS under numpy/scikit-learn), then restore.
+
+    Fitting a small router is thousands of tiny matrix products; splitting each over threads
+    costs more in synchronisation than it saves (30x slower on a busy 2-core machine)."""
+
+    def __enter__(self) -> single_thread:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._limits = threadpool_limits(limits=1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads)
+        self._limits.restore_original_limits()

@@ -217,7 +217,7 @@ class QueryDataset:
         bad = sorted(set(split.tolist()) - set(SPLITS))
         if bad:
             raise InputError(f"{where}: split values {bad} are not 'train' or 'test'.")
-        prompts = per_query("prompt", "").astype(str).tolist()
+        prompts = [str(p) for p in per_query("prompt", "")]  # not astype(str): fixed-width copies of long text
         tasks = per_query("task", "all").astype(str)
         contaminated = per_query("contaminated", False).astype(bool)
         if name is None:

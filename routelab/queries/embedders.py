@@ -37,12 +37,14 @@ def l2_normalise(x: np.ndarray, where: str = "embedding") -> np.ndarray:
 
 
 class TfidfSvdEmbedder:
-    """Word 1-2-gram TF-IDF (sublinear tf) -> truncated SVD (LSA, Deerwester et al. 1990) -> L2 norm."""
+    """Word n-gram TF-IDF (sublinear tf, words seen in >= 2 training prompts) -> truncated SVD
+    (latent semantic analysis, Deerwester et al. 1990) -> L2 norm. Default unigrams, 128 dims."""
 
-    def __init__(self, dim: int = 128, max_features: int = 50_000, seed: int = 0) -> None:
-        if dim < 1 or max_features < 1:
-            raise ConfigError(f"TfidfSvdEmbedder needs dim >= 1 and max_features >= 1, got {dim}, {max_features}.")
-        self.dim, self.max_features, self.seed = dim, max_features, seed
+    def __init__(self, dim: int = 128, max_features: int = 20_000, ngram_max: int = 1, seed: int = 0) -> None:
+        if dim < 1 or max_features < 1 or ngram_max < 1:
+            raise ConfigError(f"TfidfSvdEmbedder needs dim, max_features and ngram_max >= 1, got {dim}, {max_features}, "
+                              f"{ngram_max}.")
+        self.dim, self.max_features, self.ngram_max, self.seed = dim, max_features, ngram_max, seed
         self._vectorizer = None
         self._svd = None
 
@@ -53,12 +55,15 @@ class TfidfSvdEmbedder:
         if not any(p.strip() for p in dataset.prompts):
             raise InputError(f"dataset {dataset.name!r} has no prompt text to fit the TF-IDF embedder on; "
                              "give a prompt column or precomputed vectors (PrecomputedEmbedder).")
-        self._vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, max_features=self.max_features,
+        from routelab.queries.base import single_thread
+
+        self._vectorizer = TfidfVectorizer(ngram_range=(1, self.ngram_max), sublinear_tf=True, min_df=2, max_features=self.max_features,
                                            dtype=np.float32)
         tfidf = self._vectorizer.fit_transform(dataset.prompts)
         components = max(1, min(self.dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1))
         self._svd = TruncatedSVD(n_components=components, random_state=self.seed, algorithm="randomized", n_iter=5)
-        self._svd.fit(tfidf)
+        with single_thread():
+            self._svd.fit(tfidf)
         return self
 
     def transform(self, dataset: QueryDataset) -> np.ndarray:

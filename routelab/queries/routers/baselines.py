@@ -52,3 +52,10 @@ class OracleRouter(QueryRouter):
 
     def predict(self, dataset: QueryDataset, X_QD: np.ndarray) -> np.ndarray:
         return self.context.scale(dataset.score_QM)
+
+    def strong_scores(self, dataset: QueryDataset, X_QD: np.ndarray, strong: int, weak: int) -> np.ndarray:
+        """The true gain of the strong model; equal gains are ordered at random (tiny seeded jitter) so
+        that every decile threshold is an operating point, as for RouteLLM's optimal curve."""
+        gain = self.predict(dataset, X_QD)
+        jitter = np.random.default_rng([self.seed, 0x0AC1E]).random(dataset.num_queries) * 1e-6
+        return gain[:, strong] - gain[:, weak] + jitter

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from routelab.core.errors import ConfigError
-from routelab.queries.base import FitContext, QueryRouter, register
+from routelab.queries.base import FitContext, QueryRouter, register, single_thread
 from routelab.queries.dataset import QueryDataset
 
 
@@ -33,6 +33,10 @@ class MatrixFactorisationRouter(QueryRouter):
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
 
     def fit(self, context: FitContext) -> MatrixFactorisationRouter:
+        with single_thread():
+            return self._fit(context)
+
+    def _fit(self, context: FitContext) -> MatrixFactorisationRouter:
         import torch
 
         super().fit(context)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from routelab.core.errors import ConfigError
-from routelab.queries.base import FitContext, QueryRouter, register
+from routelab.queries.base import FitContext, QueryRouter, register, single_thread
 from routelab.queries.dataset import QueryDataset
 
 
@@ -27,16 +27,18 @@ class KNNRouter(QueryRouter):
         self.k, self.weighting, self.chunk = k, weighting, chunk
 
     def predict(self, dataset: QueryDataset, X_QD: np.ndarray) -> np.ndarray:
-        train_X, target = self.context.X_QD, self.context.target_QM.astype(np.float32)
+        import torch  # a matmul and top-k over all training queries: torch's multi-threaded kernels
+
+        train_X = torch.from_numpy(np.ascontiguousarray(self.context.X_QD, dtype=np.float32))
+        target = torch.from_numpy(self.context.target_QM.astype(np.float32))
+        X = torch.from_numpy(np.ascontiguousarray(X_QD, dtype=np.float32))
         k = min(self.k, len(train_X))
         out = np.empty((len(X_QD), target.shape[1]))
         for start in range(0, len(X_QD), self.chunk):
-            sims = X_QD[start:start + self.chunk] @ train_X.T
-            idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            near = np.take_along_axis(sims, idx, axis=1)
-            weights = np.ones_like(near) if self.weighting == "uniform" else np.maximum(near, 0.0) + 1e-6
-            weights /= weights.sum(axis=1, keepdims=True)
-            out[start:start + self.chunk] = np.einsum("qk,qkm->qm", weights, target[idx])
+            near, idx = torch.topk(X[start:start + self.chunk] @ train_X.T, k, dim=1)
+            weights = torch.ones_like(near) if self.weighting == "uniform" else near.clamp_min(0.0) + 1e-6
+            weights = weights / weights.sum(dim=1, keepdim=True)
+            out[start:start + self.chunk] = torch.einsum("qk,qkm->qm", weights, target[idx]).double().numpy()
         return out
 
 
@@ -47,9 +49,10 @@ class MLPRouter(QueryRouter):
     name = "mlp"
     paper = "MLP router (RouterBench, arXiv 2403.12031)"
 
-    def __init__(self, seed: int = 0, hidden: int = 128, alpha: float = 1e-3, max_iter: int = 200) -> None:
+    def __init__(self, seed: int = 0, hidden: int = 64, alpha: float = 1e-3, max_iter: int = 60,
+                 batch_size: int = 256) -> None:
         super().__init__(seed)
-        self.hidden, self.alpha, self.max_iter = hidden, alpha, max_iter
+        self.hidden, self.alpha, self.max_iter, self.batch_size = hidden, alpha, max_iter, batch_size
 
     def fit(self, context: FitContext) -> MLPRouter:
         import warnings
@@ -59,8 +62,8 @@ class MLPRouter(QueryRouter):
 
         super().fit(context)
         self.model = MLPRegressor(hidden_layer_sizes=(self.hidden,), alpha=self.alpha, max_iter=self.max_iter,
-                                  early_stopping=True, random_state=self.seed)
-        with warnings.catch_warnings():
+                                  batch_size=min(self.batch_size, len(context.X_QD)), early_stopping=True, random_state=self.seed)
+        with warnings.catch_warnings(), single_thread():
             warnings.simplefilter("ignore", ConvergenceWarning)
             self.model.fit(context.X_QD, context.target_QM)
         return self
@@ -97,7 +100,8 @@ class LogisticRouter(QueryRouter):
                 self.models.append(float(s[0]))  # one class only: its constant rate
                 continue
             clf = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
-            clf.fit(X2, y2, sample_weight=weights)
+            with single_thread():
+                clf.fit(X2, y2, sample_weight=weights)
             self.models.append(clf)
         return self
 
