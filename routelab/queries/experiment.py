@@ -59,6 +59,8 @@ class QueryExperiment:
             raise ConfigError(f"seeds repeat: {self.seeds}.")
         for spec in self.routers:
             create_query_router(spec.name, seed=0, **spec.options)  # unknown names/options fail before any work
+        for dataset in self.datasets:
+            check_dataset_name(dataset)
 
     @property
     def folder(self) -> Path:
@@ -67,6 +69,21 @@ class QueryExperiment:
     def run_file(self, dataset: str, spec: RouterSpec, seed: int) -> Path:
         safe = Path(dataset).stem if Path(dataset).suffix else dataset
         return self.folder / "runs" / safe / f"{spec.key}-seed{seed}.json"
+
+
+def check_dataset_name(name: str) -> None:
+    """A shipped dataset or an existing table file, else a ``ConfigError`` naming the choices."""
+    from routelab.core.errors import unknown_name
+    from routelab.queries.loaders import DATASETS, TABLE_SUFFIXES
+
+    if name in DATASETS:
+        return
+    path = Path(name)
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        if not path.is_file():
+            raise ConfigError(f"--datasets: table file {name!r} does not exist.")
+        return
+    raise unknown_name("dataset", "--datasets", name, DATASETS)
 
 
 def settings_hash(dataset: str, spec: RouterSpec, seed: int, decontaminate: bool) -> str:

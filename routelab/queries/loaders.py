@@ -47,6 +47,9 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson", ".parquet")
+
+
 def data_dir() -> Path:
     """Folder of the shipped Parquet files, licences and provenance note."""
     return Path(str(resources.files("routelab.queries") / "data"))
@@ -125,7 +128,7 @@ def resolve_dataset(name_or_path: str, *, decontaminate: bool = False) -> QueryD
     """A shipped dataset name, or the path of a user's table."""
     if name_or_path in DATASETS:
         return load_dataset(name_or_path, decontaminate=decontaminate)
-    if Path(name_or_path).suffix.lower() in (".csv", ".jsonl", ".json", ".ndjson", ".parquet"):
+    if Path(name_or_path).suffix.lower() in TABLE_SUFFIXES:
         dataset = load_table(name_or_path)
         return dataset.decontaminated() if decontaminate else dataset
     raise unknown_name("dataset", "--datasets", name_or_path, DATASETS)

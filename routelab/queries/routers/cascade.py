@@ -47,7 +47,7 @@ class CascadeRouter(QueryRouter):
         confidence = self.confidence(dataset)
         paid_cum = np.cumsum(dataset.cost_QM[:, self.order], axis=1)
         points = []
-        for threshold in np.linspace(0.0, 1.0 + 1e-9, self.thresholds):
+        for threshold in np.append(np.linspace(0.0, 1.0, self.thresholds), np.inf):  # inf: always escalate
             stop = self.stops(confidence, float(threshold))
             rows = np.arange(len(stop))
             points.append(OperatingPoint(float(threshold), self.order[stop], paid_cum[rows, stop]))

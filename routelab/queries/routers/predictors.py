@@ -65,6 +65,7 @@ class MLPRouter(QueryRouter):
                                   batch_size=min(self.batch_size, len(context.X_QD)), early_stopping=True, random_state=self.seed)
         with warnings.catch_warnings(), single_thread():
             warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.filterwarnings("ignore", message="Got `batch_size`")  # small sets: one batch, as intended
             self.model.fit(context.X_QD, context.target_QM)
         return self
 
