@@ -86,9 +86,18 @@ def check_dataset_name(name: str) -> None:
     raise unknown_name("dataset", "--datasets", name, DATASETS)
 
 
+def resolved_options(spec: RouterSpec) -> dict[str, Any]:
+    """The router's options with its defaults filled in (a changed default reruns the run)."""
+    import inspect
+
+    cls = ROUTERS.get(spec.name)
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k not in ("self", "seed")}
+    return {**defaults, **spec.options}
+
+
 def settings_hash(dataset: str, spec: RouterSpec, seed: int, decontaminate: bool) -> str:
-    text = json.dumps({"dataset": dataset, "router": asdict(spec), "seed": seed, "decontaminate": decontaminate},
-                      sort_keys=True)
+    text = json.dumps({"dataset": dataset, "router": asdict(spec), "options": resolved_options(spec), "seed": seed,
+                       "decontaminate": decontaminate, "format": 1}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

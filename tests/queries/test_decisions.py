@@ -183,3 +183,24 @@ def test_incomplete_or_duplicated_tables_are_refused():
     nan = [dict(r, score=float("nan")) if i == 0 else r for i, r in enumerate(base[:2])]
     with pytest.raises(InputError, match="not finite"):
         QueryDataset.from_long(pa.Table.from_pylist(nan))
+
+
+def test_budget_pacing_by_hand_and_on_a_shift():
+    from routelab.queries.pacing import paced_threshold
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    strong, weak = np.full(4, 0.010), np.full(4, 0.001)
+    # budget $5.5/1k = $0.0055 per query; start 0.75, step 0.1:
+    # q0 0.9>=0.75 strong, mean 0.010 > 0.0055 -> 0.85; q1 0.8<0.85 weak, mean 0.0055 not above -> 0.75;
+    # q2 0.7<0.75 weak, mean 0.004 -> 0.65; q3 0.6<0.65 weak
+    run = paced_threshold(scores, strong, weak, 5.5, start_threshold=0.75, step=0.1)
+    assert run.strong_Q.tolist() == [True, False, False, False]
+    np.testing.assert_allclose(run.threshold_Q, [0.75, 0.85, 0.75, 0.65])
+    assert run.spend_per_1k == pytest.approx((0.010 + 3 * 0.001) / 4 * 1000)
+    # a stream whose scores drift upward: the fixed threshold overspends, the paced one holds the budget
+    drift = np.random.default_rng(0).random(4000) + np.linspace(0, 1, 4000)
+    big, small = np.full(4000, 0.01), np.full(4000, 0.0)
+    fixed = paced_threshold(drift, big, small, 3.0, start_threshold=float(np.quantile(drift[:400], 0.7)), step=0.0)
+    paced = paced_threshold(drift, big, small, 3.0, start_threshold=float(np.quantile(drift[:400], 0.7)), step=0.01)
+    assert fixed.spend_per_1k > 6.0
+    assert paced.spend_per_1k == pytest.approx(3.0, rel=0.05)

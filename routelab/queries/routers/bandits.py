@@ -102,7 +102,7 @@ class LinUCBRouter(LinearBandit):
     paper = "LinUCB (Li et al., arXiv 1003.0146); GreenServ (arXiv 2601.17551)"
 
     def __init__(self, seed: int = 0, context_dim: int = 32, ridge: float = 1.0, warm_start: bool = True,
-                 alpha: float = 0.5) -> None:
+                 alpha: float = 1.0) -> None:
         super().__init__(seed, context_dim, ridge, warm_start)
         self.alpha = alpha
 

@@ -22,8 +22,8 @@ class MatrixFactorisationRouter(QueryRouter):
     name = "mf"
     paper = "RouteLLM matrix factorisation (Ong et al., arXiv 2406.18665)"
 
-    def __init__(self, seed: int = 0, dim: int = 64, objective: str = "pairwise", epochs: int = 30,
-                 lr: float = 3e-3, weight_decay: float = 1e-5, batch_size: int = 512) -> None:
+    def __init__(self, seed: int = 0, dim: int = 64, objective: str = "pairwise", epochs: int = 10,
+                 lr: float = 3e-3, weight_decay: float = 1e-5, batch_size: int = 256) -> None:
         super().__init__(seed)
         if objective not in ("pairwise", "scores"):
             raise ConfigError(f"mf: objective={objective!r} must be 'pairwise' or 'scores'.")
