@@ -18,7 +18,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 
 from routelab.core.cpu_allocator import tune_cpu_allocator
 from routelab.queries import create_query_router, load_dataset

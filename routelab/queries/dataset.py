@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from routelab.core.errors import InputError
 from routelab.queries.prices import MEASURED_TOKENS, CostConvention, PriceRegistry
@@ -261,6 +260,3 @@ def default_split(num_queries: int, train_fraction: float = DEFAULT_TRAIN_FRACTI
     split[order[: int(round(train_fraction * num_queries))]] = "train"
     return split
 
-
-def count_rows(table: pa.Table, column: str, value: str) -> int:
-    return int(pc.sum(pc.equal(table.column(column), value)).as_py() or 0)

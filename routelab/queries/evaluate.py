@@ -37,6 +37,7 @@ class Prepared:
     seed: int
     embed_s: float
     c_max: float  # AIQ's cost window: the test cost of always calling the most expensive model
+    embedder: Any = None  # fitted on the training prompts; embeds new prompts for RoutingPolicy
     oracle_aiq: float | None = None
 
     def context(self) -> FitContext:
@@ -53,7 +54,7 @@ def prepare(dataset: QueryDataset, seed: int = 0, embedder_factory: Callable[[in
     embed_s = time.perf_counter() - start
     mean_cost = train.mean_costs()
     return Prepared(dataset, train, test, X_train, X_test, ScoreScale.fit(train.score_QM), mean_cost / mean_cost.max(),
-                    seed, embed_s, float(test.mean_costs().max()))
+                    seed, embed_s, float(test.mean_costs().max()), embedder)
 
 
 def curve_of(points: list[OperatingPoint], test: QueryDataset) -> tuple[np.ndarray, np.ndarray]:

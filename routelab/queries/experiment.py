@@ -146,8 +146,3 @@ def run_query_experiment(config: QueryExperiment, *, console: Console | None = N
             progress.advance(task)
     return write_report(config, results, wall_time_s=time.perf_counter() - start)
 
-
-def known_routers() -> list[str]:
-    from routelab.queries import routers  # noqa: F401
-
-    return ROUTERS.names()

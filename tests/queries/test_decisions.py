@@ -204,3 +204,16 @@ def test_budget_pacing_by_hand_and_on_a_shift():
     paced = paced_threshold(drift, big, small, 3.0, start_threshold=float(np.quantile(drift[:400], 0.7)), step=0.01)
     assert fixed.spend_per_1k > 6.0
     assert paced.spend_per_1k == pytest.approx(3.0, rel=0.05)
+
+
+def test_documented_quick_start_runs():
+    from routelab.queries.evaluate import evaluate_router, prepare
+
+    gsm = load_dataset("routellm-gsm8k")
+    prepared = prepare(gsm, seed=0)
+    row, curve = evaluate_router(prepared, "knn")
+    assert {"apgr", "cpt50", "cpt80", "aiq", "oracle_gap"} <= set(row) and curve
+    router = create_query_router("knn", k=20).fit(prepared.context())
+    policy = RoutingPolicy(router, prepared.embedder, gsm.models, ("utility", 0.2), fallback=gsm.models[0])
+    decisions = policy.route(["What is 12 times 7?", ""])
+    assert decisions[0].model in gsm.models and decisions[1].reason.startswith("fallback")
