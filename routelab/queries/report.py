@@ -95,7 +95,10 @@ def plot_curves(curves: list[dict[str, Any]], folder: Path) -> dict[str, Path]:
             colour = cmap(i % 20)
             ax.scatter(cost, quality, s=8, color=colour, alpha=0.5)
             hull = upper_hull(cost, quality)
-            ax.plot(hull[:, 0], hull[:, 1], color=colour, linewidth=1.6, label=router,
+            # the hull is piecewise linear in cost: sample each segment so the log axis shows its true shape
+            xs = np.concatenate([np.linspace(a, b, 40) for a, b in zip(hull[:-1, 0], hull[1:, 0])]) if len(hull) > 1 \
+                else hull[:, 0]
+            ax.plot(xs, np.interp(xs, hull[:, 0], hull[:, 1]), color=colour, linewidth=1.6, label=router,
                     marker="o" if len(hull) == 1 else None)
         ax.set_xscale("log")
         ax.set_xlabel("US dollars per 1,000 queries (log scale)")
