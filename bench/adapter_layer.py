@@ -43,7 +43,7 @@ def masked_loop_delta(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch
 
 
 def run(args: argparse.Namespace) -> None:
-    console = Console()
+    console = Console(width=200)
     device = torch.device(args.device)
     table = Table(title=f"LoRA-expert layer fwd+bwd: d={args.d_model}, r={args.rank}, E={args.experts}, "
                         f"top-{args.top_k}, {args.tokens} tokens, {torch.get_num_threads()} thread(s), {device.type}")

@@ -54,8 +54,12 @@ def need_tasks(shape: LayerShape, method: str) -> int:
 
 
 def _topk(shape: LayerShape, *, router: str = "mixtral", top_k: int | None = None, **options: Any) -> AdapterRouter:
-    from routelab import create_router
+    from routelab import create_router, preset_info
 
+    info = preset_info(router)
+    if info.needs_token_ids or info.needs_attention:
+        raise ConfigError(f"router={router!r} reads token ids or attention weights, which a routed linear layer does not "
+                          "see; choose a router that scores hidden states (e.g. mixtral, dynmole, expert-choice).")
     return PresetRouter(create_router(router, d_model=shape.d_in, num_experts=shape.num_experts, top_k=top_k, **options))
 
 

@@ -51,10 +51,10 @@ EXPERT_METHODS = ("oracle", "uniform", "glider", "topk", "remix")
 
 
 class BaseModelSettings(Settings):
-    d_model: int = Field(96, ge=8)
-    n_layers: int = Field(3, ge=1)
+    d_model: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1)
-    d_ff: int = Field(384, ge=8)
+    d_ff: int = Field(256, ge=8)
 
 
 class AdapterLabConfig(Settings):
@@ -63,8 +63,8 @@ class AdapterLabConfig(Settings):
     out: str = "runs/adapters"
     corpus: CorpusSettings = CorpusSettings(max_bytes_per_domain=400_000, vocab_size=512)
     base_model: BaseModelSettings = BaseModelSettings()
-    base_train: TrainConfig = TrainConfig(steps=800, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=50,
-                                          eval_every=200, eval_tokens=16384, checkpoint_every=200, log_every=10)
+    base_train: TrainConfig = TrainConfig(steps=300, batch_size=16, seq_len=96, lr=3e-3, warmup_steps=30,
+                                          eval_every=100, eval_tokens=8192, checkpoint_every=100, log_every=10)
     methods: list[str] = list(METHODS)
     held_out: list[str] = list(DEFAULT_HELD_OUT)
     targets: list[str] = ["qkv", "out", "w_in", "w_out"]
@@ -72,19 +72,19 @@ class AdapterLabConfig(Settings):
     num_skills: int = Field(4, ge=1, description="skills of poly/mhr")
     mhr_heads: int = Field(4, ge=1)
     top_k: int = Field(2, ge=1)
-    max_len: int = Field(96, ge=8)
+    max_len: int = Field(80, ge=8)
     train_examples: int = Field(400, ge=4)
-    eval_examples: int = Field(48, ge=2)
+    eval_examples: int = Field(32, ge=2)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     logit_lr: float = Field(0.1, gt=0, description="lr of Polytropon/MHR task logits (0.1 as in mttl)")
     router_lr: float = Field(1e-2, gt=0)
-    expert_steps: int = Field(300, ge=1)
-    multitask_steps: int = Field(300, ge=1)
-    poly_steps: int = Field(300, ge=1)
-    router_steps: int = Field(150, ge=1)
-    gate_steps: int = Field(40, ge=1)
-    fewshot_steps: int = Field(60, ge=1)
+    expert_steps: int = Field(200, ge=1)
+    multitask_steps: int = Field(200, ge=1)
+    poly_steps: int = Field(200, ge=1)
+    router_steps: int = Field(100, ge=1)
+    gate_steps: int = Field(20, ge=1)
+    fewshot_steps: int = Field(40, ge=1)
     fewshot_examples: int = Field(32, ge=1)
     glider_scale_held_in: float = 100.0
     glider_scale_held_out: float = 3.0

@@ -130,6 +130,8 @@ def test_clear_errors() -> None:
         attach_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], num_experts=2, method="polytropon")
     with pytest.raises(ConfigError, match="matches no nn.Linear"):
         attach_adapters(nn.Sequential(nn.Linear(4, 4)), ["qkv"], num_experts=2)
+    with pytest.raises(ConfigError, match="token ids or attention"):
+        attach_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], num_experts=2, router="hash")
     with pytest.raises(ConfigError, match="num_tasks"):
         attach_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], num_experts=2, method="poly")
     with pytest.raises(ConfigError, match="unknown option"):
