@@ -17,6 +17,7 @@ Usage: python bench/adapter_layer.py [--tokens 4096] [--d-model 512] [--rank 16]
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from rich.console import Console
@@ -92,11 +93,17 @@ def run(args: argparse.Namespace) -> None:
         def loop_only() -> None:
             backward(layer.base(x) + masked_loop_delta(x, fixed.topk_idx, fixed.topk_weight, bank))
 
-        times = {}
-        for label, fn in (("base", base), ("routed", routed), ("loop", loop), ("dispatch", dispatch_only),
-                          ("dense", dense_only), ("loop_only", loop_only), ("base2", base)):
-            times[label] = median_time(fn, repeats=args.repeats, warmup=2)
-        base_t = min(times["base"], times["base2"])
+        variants = {"base": base, "routed": routed, "loop": loop, "dispatch": dispatch_only, "dense": dense_only,
+                    "loop_only": loop_only}
+        for fn in variants.values():  # warm-up
+            fn()
+            fn()
+        samples: dict[str, list[float]] = {label: [] for label in variants}
+        for _ in range(args.repeats):  # round-robin, so that load changes hit every variant alike
+            for label, fn in variants.items():
+                samples[label].append(median_time(fn, repeats=1, warmup=0))
+        times = {label: statistics.median(values) for label, values in samples.items()}
+        base_t = times["base"]
         router_t = times["routed"] - times["dispatch"]
         table.add_row(
             name, f"{base_t * 1e3:.2f}", f"{times['routed'] * 1e3:.2f}", f"{(times['routed'] - base_t) / base_t:.2f}x",
