@@ -48,10 +48,6 @@ class GliderRouter(AdapterRouter):
         self.register_buffer("task_similarity", torch.zeros(check_positive_int("num_tasks", num_tasks), num_experts))
         self.trained_expert: int | None = None
 
-    @property
-    def needs_task_ids(self) -> bool:  # type: ignore[override]
-        return self.global_scale != 0.0 and self.trained_expert is None
-
     def set_task_similarity(self, similarity_NE: torch.Tensor) -> None:
         """Cosine similarity ``[num_tasks, E]`` between each task's embedding and each expert's."""
         if tuple(similarity_NE.shape) != tuple(self.task_similarity.shape):

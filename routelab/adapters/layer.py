@@ -8,8 +8,7 @@ batched pass. The layer reads the per-call task ids and padding mask from the sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +34,6 @@ class AdapterState:
     padding_mask: torch.Tensor | None = None
     records: list[tuple[str, AdapterRouting, TokenBatch]] | None = None
     dispatch: str = "auto"
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def token_batch(leading_shape: tuple[int, ...], padding_mask: torch.Tensor | None, device: torch.device) -> TokenBatch:

@@ -37,9 +37,6 @@ class PolyRouter(AdapterRouter):
         temperature: of the relaxed Bernoulli used in training.
     """
 
-    needs_task_ids = True
-    mixes_weights = True
-
     def __init__(self, num_tasks: int, num_skills: int, num_heads: int = 1, *, temperature: float = 1.0,
                  uniform: bool = False, init_range: float = 1e-3) -> None:
         super().__init__()

@@ -86,7 +86,6 @@ class AdapterRouter(nn.Module, ABC):
     returns an ``AdapterRouting``.
     """
 
-    needs_task_ids: bool = False
 
     @abstractmethod
     def forward(self, x_TD: torch.Tensor, batch: TokenBatch, task_ids_T: torch.Tensor | None) -> AdapterRouting:

@@ -37,8 +37,6 @@ class PresetRouter(AdapterRouter):
 class TaskExpertRouter(AdapterRouter):
     """Each task's tokens go to one fixed expert (``expert_of_task[task]``) with weight 1."""
 
-    needs_task_ids = True
-
     def __init__(self, num_experts: int, expert_of_task: list[int]) -> None:
         super().__init__()
         self.num_experts = num_experts

@@ -12,7 +12,6 @@ from torch import nn
 
 from routelab.adapters import (
     GliderRouter,
-    LoRABank,
     PolyRouter,
     attach_adapters,
     effective_support_size,
