@@ -302,3 +302,16 @@ def test_polar_epoch_boundary_makes_the_best_arms_resident_and_lru_replay_counts
         polar.update(arm, one, 0.0 if arm != 2 else 5.0)
     assert polar.resident.tolist() == [False, False, True]
     assert lru_paging_loads(np.array([0, 1, 0, 2, 0]), 3, 2) == 3  # loads 0, 1; hit 0; 2 evicts 1; hit 0
+
+
+def test_polar_plus_doubles_its_epochs_and_forces_exploration_of_non_resident_arms() -> None:
+    one = np.ones(1)
+    polar = PolarRouter(3, 1, cache_size=1, alpha=0.0, lam=1e-9, epoch_length=2, doubling=True, explore_every=3)
+    polar.update(0, one, 1.0)
+    arms = []
+    for _ in range(6):
+        arm = polar.select(one)
+        polar.update(arm, one, 1.0 if arm == 0 else 0.0)
+        arms.append(arm)
+    assert arms[2] in (1, 2) and arms[5] in (1, 2) and arms[2] != arms[5]  # every 3rd pull: least-pulled non-resident
+    assert polar.current_epoch_length == 8  # 2 -> 4 -> 8 after two epoch boundaries

@@ -86,3 +86,15 @@ def test_load_save_load_round_trip_and_peft_reads_what_routelab_wrote(tmp_path) 
         one = load_peft_experts(single, [tmp_path / "saved1"], method="task", num_tasks=1)
         with one.context(task_ids=[0, 0]):
             assert torch.allclose(peft_model(IDS).logits, single(IDS).logits, atol=1e-5)
+
+
+def test_adapters_routelab_cannot_represent_are_refused(tmp_path) -> None:
+    from routelab.core import InputError
+
+    base = base_model()
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["qkv"], use_dora=True)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(InputError, match="DoRA"):
+        load_peft_experts(copy.deepcopy(base), [tmp_path / "dora"])
+    with pytest.raises(InputError, match="not a saved peft adapter"):
+        load_peft_experts(copy.deepcopy(base), [tmp_path])
