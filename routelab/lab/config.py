@@ -49,7 +49,7 @@ class TrainConfig(Settings):
     probe_sequences: int = Field(4, ge=1, description="sequences of the fixed routing probe batch")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     keep_checkpoint: bool = Field(False, description="keep the optimizer checkpoint after the run finished")
 
     @property

@@ -174,3 +174,10 @@ def record_corpus(
 def corpus_description(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
     """JSON description of the corpus for the trace header."""
     return [{"domain": e.domain, "path": os.fspath(e.path), "files": len(e.files)} for e in entries]
+
+
+def corpus_fingerprint(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
+    """Per domain, a SHA-256 of its files' bytes: what a resumed trace must find unchanged."""
+    from routelab.traces.resume_check import file_sha256
+
+    return [{"domain": e.domain, "files": len(e.files), "sha256": file_sha256(e.files)} for e in entries]
