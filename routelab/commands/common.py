@@ -16,9 +16,13 @@ import math
 from pathlib import Path
 from typing import Any, NoReturn
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.24 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on click
+    from click import exceptions as click_exceptions
 
 from routelab.core.errors import ConfigError, RoutelabError
 
@@ -51,7 +55,7 @@ def os_error_message(error: OSError) -> str:
 
 def error_message(error: BaseException) -> str:
     """The one-line message of an error a command ends with."""
-    if isinstance(error, click.UsageError):
+    if isinstance(error, click_exceptions.UsageError):
         command = error.ctx.command_path if error.ctx is not None else "routelab"
         return one_line(f"{error.format_message()} (see `{command} --help`)")
     if isinstance(error, OSError):
@@ -62,22 +66,22 @@ def error_message(error: BaseException) -> str:
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr and exit with code 2."""
     typer.echo(f"error: {one_line(message)}", err=True)
-    raise click.exceptions.Exit(USAGE_EXIT_CODE)
+    raise typer.Exit(USAGE_EXIT_CODE)
 
 
-def _shows_help(error: click.UsageError) -> bool:
+def _shows_help(error: Exception) -> bool:
     """click's "no arguments: print the help" signal (a UsageError since click 8.2)."""
-    no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)
+    no_args = getattr(click_exceptions, "NoArgsIsHelpError", None)
     return no_args is not None and isinstance(error, no_args)
 
 
 class RoutelabGroup(TyperGroup):
     """The ``routelab`` command group: every command's failures end as one error line."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except click.UsageError as error:
+        except click_exceptions.UsageError as error:
             if _shows_help(error):
                 raise
             fail(error_message(error))
@@ -85,7 +89,7 @@ class RoutelabGroup(TyperGroup):
             fail(error_message(error))
         except KeyboardInterrupt:
             typer.echo("stopped; run the same command again to continue (train and trace: add --resume).", err=True)
-            raise click.exceptions.Exit(INTERRUPT_EXIT_CODE) from None
+            raise typer.Exit(INTERRUPT_EXIT_CODE) from None
 
 
 def parse_int_list(text: str | None, flag: str, *, minimum: int | None = None) -> list[int] | None:
