@@ -87,7 +87,6 @@ def trace_command(
 
         return trace_and_summarise(str(checkpoint), corpus or [], out, seq_len=seq_len or 256, batch_size=batch_size,
                                    max_tokens=max_tokens, device=device, resume=resume, overwrite=overwrite)
-    from routelab.lab.checkpoint import resolve_model_path
     from routelab.traces import TraceRecorder, TraceWriter
     from routelab.traces.corpus import (
         corpus_description,
@@ -110,8 +109,9 @@ def trace_command(
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len={limit}; use --seq-len {limit} or less.")
     source = ModuleRoutingSource(model)
     config = getattr(model, "config", None)
-    setup: dict[str, Any] = {"checkpoint_sha256": file_sha256([resolve_model_path(checkpoint)]), "seq_len": seq_len,
-                             "batch_size": batch_size, "max_tokens": max_tokens}
+    weights_file = Path(ckpt_meta.get("path") or checkpoint)
+    setup: dict[str, Any] = {"checkpoint_sha256": file_sha256([weights_file]) if weights_file.is_file() else None,
+                             "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens}
     metadata = {
         "model": ckpt_meta.get("name") or Path(checkpoint).stem,
         "router": ckpt_meta.get("router") or getattr(config, "router", None),

@@ -28,7 +28,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, OSError) and error.filename in (None, tmp):
+            error.filename = str(target)  # name the file the user knows, not the temporary one
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise

@@ -5,8 +5,9 @@ resume from what is there. Two processes writing into one folder would interleav
 files (a ``metrics.jsonl`` that mixes two seeds, a trace whose shards come from two
 models), so each takes ``FolderLock(folder)`` before writing anything into it. The lock
 is an ``fcntl.flock`` on ``<folder>/.routelab.lock``: the kernel drops it when its holder
-exits, even on SIGKILL, so a crashed run never leaves a stale lock behind. The file holds
-the holder's pid, host, command and start time, which the refused writer prints.
+exits, even on SIGKILL, so a crashed run never leaves a stale lock behind (the file may
+stay; it is free to take). The file holds the holder's pid, host, command and start time,
+which the refused writer prints; a holder that ends normally removes it.
 
 Where ``fcntl`` does not exist (Windows) the lock is a no-op.
 """
@@ -48,11 +49,18 @@ def holder_description(lock_path: Path) -> str:
         return "another process"
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class FolderLock:
     """Exclusive, non-blocking lock of ``folder`` for the life of a ``with`` block.
 
-    Creates ``folder`` (and its parents) if needed; when the block ends and nothing but the
-    lock file was written, the folders it created are removed again, so a command that
+    Creates ``folder`` (and its parents) if needed; when the block ends the lock file is
+    removed, and so are the folders it created if they stayed empty, so a command that
     fails its checks leaves nothing behind. Raises ``FolderInUseError`` naming the holder
     when another process has the lock. Take it once per folder, at the top of a command.
     """
@@ -70,18 +78,22 @@ class FolderLock:
         self._created = missing  # innermost first
         if fcntl is None:  # pragma: no cover
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FolderInUseError(
-                f"{self.what} {str(self.folder)!r} is in use by {holder_description(self.path)}; wait for it to "
-                f"finish (or stop it), or write somewhere else."
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderInUseError(
+                    f"{self.what} {str(self.folder)!r} is in use by {holder_description(self.path)}; wait for it to "
+                    f"finish (or stop it), or write somewhere else."
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the previous holder removed the file between our open and flock: take the new one
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -105,17 +117,14 @@ class FolderLock:
             self._close_fd()  # closing the descriptor drops the flock
 
     def _remove_if_unused(self) -> None:
-        """Undo the folders this lock created when the command wrote nothing into them."""
-        if not self._created:
-            return
+        """Remove the lock file (still holding the lock), then the folders this lock created
+        if the command wrote nothing into them."""
         try:
-            if [p.name for p in self.folder.iterdir()] != [LOCK_FILE]:
-                return
             self.path.unlink()
             for folder in self._created:
                 folder.rmdir()
         except OSError:
-            pass  # someone else is writing there now: leave it
+            pass  # the folder holds the command's output (or another process's lock): keep it
 
     @property
     def held(self) -> bool:

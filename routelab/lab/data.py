@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.json_files import read_json
 from routelab.core.validation import check_positive_int
 from routelab.lab.corpus import DEFAULT_CORPUS, Document, collect_documents, split_documents
 from routelab.lab.tokenizer import MIN_VOCAB_SIZE, TextTokenizer

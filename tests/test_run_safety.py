@@ -1,0 +1,231 @@
+"""One writer per output folder, resumes that cannot mix two runs, and a full disk.
+
+* two ``routelab train`` into one folder: exactly one proceeds, the other is refused naming
+  the holder, and the survivor's outputs equal those of a run alone;
+* ``routelab trace --resume`` refuses another checkpoint, corpus, --seq-len, --batch-size or
+  --max-tokens than the trace was started with, and continues an identical one exactly;
+* a full disk (a tiny tmpfs in a private mount namespace, skipped where that is not
+  possible) ends as one error line; the checkpoint before it is intact and ``--resume``
+  finishes the run with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.lab_helpers import write_corpus
+from typer.testing import CliRunner
+
+from routelab.cli import app
+from routelab.core.run_lock import LOCK_FILE, FolderInUseError, FolderLock
+from routelab.traces import Trace
+
+runner = CliRunner()
+TIMING_KEYS = {"step_time_s", "tokens_per_s"}
+TINY = ["--router", "loss-free", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--num-experts", "4",
+        "--expert-d-hidden", "32", "--seq-len", "16", "--batch-size", "4", "--precision", "fp32", "--no-progress",
+        "--threads", "1", "--vocab-size", "300"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("safety")
+    return {"root": root, "corpus": write_corpus(root / "text", files_per_domain=4), "cache": root / "cache"}
+
+
+def train_args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["train", *TINY, "--corpus", str(data["corpus"]), "--cache-dir", str(data["cache"]), "--out", str(out),
+            *extra]
+
+
+def routelab_command() -> list[str]:
+    return [sys.executable, "-c", "from routelab.cli import main; main()"]
+
+
+def comparable_metrics(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert comparable_metrics(a) == comparable_metrics(b)
+    weights_a = torch.load(a / "model.pt", weights_only=True)["model"]
+    weights_b = torch.load(b / "model.pt", weights_only=True)["model"]
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
+
+
+def test_folder_lock_names_its_holder_and_cleans_up(tmp_path):
+    folder = tmp_path / "new" / "run"
+    with FolderLock(folder, "run folder"):
+        holder = json.loads((folder / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(FolderInUseError, match=f"in use by pid {os.getpid()} on "):
+            FolderLock(folder, "run folder").acquire()
+    assert not (tmp_path / "new").exists()  # created for nothing: removed again
+    with FolderLock(folder, "run folder"):
+        (folder / "out.txt").write_text("x")
+    assert sorted(p.name for p in folder.iterdir()) == ["out.txt"]
+
+
+def test_two_trains_into_one_folder(data, tmp_path):
+    solo, shared = tmp_path / "solo", tmp_path / "shared"
+    args = ["--steps", "60", "--eval-every", "30"]
+    alone = runner.invoke(app, train_args(data, solo, *args))  # also prepares the corpus cache
+    assert alone.exit_code == 0, alone.output
+    first = subprocess.Popen([*routelab_command(), *train_args(data, shared, *args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (shared / LOCK_FILE).is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = runner.invoke(app, train_args(data, shared, *args))
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert second.exit_code == 2, second.output
+    lines = second.stderr.splitlines()
+    assert len(lines) == 1 and f"is in use by pid {first.pid} " in lines[0] and "routelab" in lines[0]
+    assert not (shared / LOCK_FILE).exists()
+    assert_same_run(shared, solo)
+
+
+@pytest.fixture(scope="module")
+def lab_run(data) -> Path:
+    run = data["root"] / "run"
+    result = runner.invoke(app, train_args(data, run, "--steps", "2", "--eval-every", "2"))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def trace_args(run: Path, out: Path, data: dict[str, Path], *extra: str) -> list[str]:
+    return ["trace", str(run / "model.pt"), "--out", str(out), "--cache-dir", str(data["cache"]), "--seq-len", "8",
+            "--batch-size", "2", *extra]
+
+
+def test_trace_resume_must_match_the_trace_header(data, lab_run, tmp_path, monkeypatch):
+    import routelab.traces.corpus as corpus_module
+
+    full, part = tmp_path / "full.trace", tmp_path / "part.trace"
+    assert runner.invoke(app, trace_args(lab_run, full, data)).exit_code == 0
+    record = corpus_module.record_corpus
+
+    def interrupted(*args, **kwargs):  # commit after every batch, then a Ctrl-C after the third
+        calls = []
+
+        def on_batch(n):
+            calls.append(n)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+        return record(*args, **{**kwargs, "commit_every": 1, "on_batch": on_batch})
+
+    monkeypatch.setattr(corpus_module, "record_corpus", interrupted)
+    stopped = runner.invoke(app, trace_args(lab_run, part, data))
+    monkeypatch.setattr(corpus_module, "record_corpus", record)
+    assert stopped.exit_code == 130 and "--resume" in stopped.stderr
+    assert Trace.open(part, allow_incomplete=True).num_tokens == 2 * 2 * 8
+
+    other_run = tmp_path / "other_run"
+    shutil.copytree(lab_run, other_run)
+    payload = torch.load(other_run / "model.pt", weights_only=True)
+    first_key = next(iter(payload["model"]))
+    payload["model"][first_key] = payload["model"][first_key] + 1
+    torch.save(payload, other_run / "model.pt")
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("some other text to trace " * 20)
+    header_before = (part / "trace.json").read_text()
+    refusals = [
+        (trace_args(lab_run, part, data, "--resume", "--seq-len", "4"), "--seq-len was 8, now 4"),
+        (trace_args(lab_run, part, data, "--resume", "--batch-size", "3"), "--batch-size was 2, now 3"),
+        (trace_args(lab_run, part, data, "--resume", "--max-tokens", "64"), "--max-tokens was None, now 64"),
+        (trace_args(other_run, part, data, "--resume"), "CHECKPOINT (its content) differs"),
+        (trace_args(lab_run, part, data, "--resume", "--corpus", str(other_text)), "--corpus (its content) differs"),
+    ]
+    for argv, message in refusals:
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2 and message in result.stderr, (argv, result.stderr)
+        assert result.stderr.count("\n") == 1
+        assert (part / "trace.json").read_text() == header_before  # untouched
+
+    resumed = runner.invoke(app, trace_args(lab_run, part, data, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    a, b = Trace.open(full), Trace.open(part)
+    assert a.num_tokens == b.num_tokens
+    for layer in range(a.num_layers):
+        np.testing.assert_array_equal(a.layer(layer).topk_idx, b.layer(layer).topk_idx)
+    np.testing.assert_array_equal(a.tokens().token_id, b.tokens().token_id)
+
+
+def test_failed_trace_leaves_no_stub(data, lab_run, tmp_path, monkeypatch):
+    import routelab.traces.corpus as corpus_module
+
+    def broken(*args, **kwargs):
+        raise corpus_module.InputError("the corpus produced no tokens to trace")
+
+    monkeypatch.setattr(corpus_module, "record_corpus", broken)
+    out = tmp_path / "t.trace"
+    result = runner.invoke(app, trace_args(lab_run, out, data))
+    assert result.exit_code == 2 and not out.exists()
+
+
+def _namespace_mounts_work(tmp_path: Path) -> bool:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                          capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+def test_full_disk_and_read_only_folder(data, tmp_path):
+    if not _namespace_mounts_work(tmp_path):
+        pytest.skip("needs unshare and tmpfs mounts in a user namespace")
+    args = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "2"]
+    solo = tmp_path / "solo"
+    assert runner.invoke(app, train_args(data, solo, *args, "--keep-checkpoint")).exit_code == 0
+    checkpoint_bytes = (solo / "checkpoint.pt").stat().st_size
+    # Room for the run's small files and one checkpoint, not for a second copy during the atomic replace.
+    size_kb = (checkpoint_bytes * 3 // 2 + 48 * 1024) // 1024
+    disk, read_only = tmp_path / "disk", tmp_path / "ro"
+    disk.mkdir()
+    read_only.mkdir()
+    run = disk / "run"
+    command = " ".join(routelab_command()[:2]) + ' "from routelab.cli import main; main()"'
+    script = f"""
+mount -t tmpfs -o size={size_kb}k tmpfs {disk} || exit 90
+mount -t tmpfs -o ro tmpfs {read_only} || exit 91
+{command} {" ".join(train_args(data, run, *args))} 2> {tmp_path}/full.err
+echo "full=$?"
+ls -a {run} > {tmp_path}/after_full.txt
+{command} {" ".join(train_args(data, read_only / "run", *args))} 2> {tmp_path}/ro.err
+echo "ro=$?"
+mount -o remount,size=64m {disk} || exit 92
+{command} {" ".join(train_args(data, run, *args, "--resume"))} 2> {tmp_path}/resume.err
+echo "resume=$?"
+cp -r {run} {tmp_path}/resumed
+"""
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    codes = dict(line.split("=") for line in done.stdout.split() if "=" in line)
+    assert codes == {"full": "2", "ro": "2", "resume": "0"}, (done.stdout, done.stderr)
+    full_err = (tmp_path / "full.err").read_text().splitlines()
+    assert len(full_err) == 1 and full_err[0].startswith("error: no space left on the device"), full_err
+    assert "checkpoint.pt" in full_err[0]
+    left = (tmp_path / "after_full.txt").read_text().split()
+    assert "checkpoint.pt" in left and not [name for name in left if ".tmp" in name]
+    ro_err = (tmp_path / "ro.err").read_text().splitlines()
+    assert len(ro_err) == 1 and "cannot write" in ro_err[0] and "Read-only file system" in ro_err[0], ro_err
+    assert_same_run(tmp_path / "resumed", solo)
