@@ -92,7 +92,7 @@ def test_folder_lock_names_its_holder_and_cleans_up(tmp_path):
 
 def test_two_trains_into_one_folder(data, tmp_path):
     solo, shared = tmp_path / "solo", tmp_path / "shared"
-    args = ["--steps", "60", "--eval-every", "30"]
+    args = ["--steps", "20", "--eval-every", "10"]
     alone = runner.invoke(app, train_args(data, solo, *args))  # also prepares the corpus cache
     assert alone.exit_code == 0, alone.output
     first = subprocess.Popen([*routelab_command(), *train_args(data, shared, *args)], stdout=subprocess.PIPE,
@@ -100,7 +100,8 @@ def test_two_trains_into_one_folder(data, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not (shared / LOCK_FILE).is_file() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.005)
+        # the second writer: the same command's training entry point, the moment the first holds the folder
         second = runner.invoke(app, train_args(data, shared, *args))
         out, err = first.communicate(timeout=300)
     finally:
@@ -220,11 +221,11 @@ def test_full_disk_and_read_only_folder(data, tmp_path):
     script = f"""
 mount -t tmpfs -o size={size_kb}k tmpfs {disk} || exit 90
 mount -t tmpfs -o ro tmpfs {read_only} || exit 91
+({command} {" ".join(train_args(data, read_only / "run", *args))} 2> {tmp_path}/ro.err; echo "ro=$?") &
 {command} {" ".join(train_args(data, run, *args))} 2> {tmp_path}/full.err
 echo "full=$?"
+wait
 ls -a {run} > {tmp_path}/after_full.txt
-{command} {" ".join(train_args(data, read_only / "run", *args))} 2> {tmp_path}/ro.err
-echo "ro=$?"
 mount -o remount,size=64m {disk} || exit 92
 {command} {" ".join(train_args(data, run, *args, "--resume"))} 2> {tmp_path}/resume.err
 echo "resume=$?"
