@@ -82,6 +82,8 @@ class ExperimentConfig(Settings):
             raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
         return self
 
     @property
