@@ -86,6 +86,9 @@ ROWS = [
     (["train", "--threads", "0"], "--threads"),
     (["train", "--corpus", "{missing}"], "missing"),
     (["train", "--resume", "--out", "{corrupt_run}", *TRAIN_DATA], "config.json"),
+    (["train", "--d-model", "30", "--n-heads", "4", *TRAIN_DATA], "d_model=30"),
+    (["train", "--router", "dense", "--top-k", "9"], "top_k=9"),
+    (["compare", "--routers", "mixtral", "--d-model", "30", "--n-heads", "4", *TRAIN_DATA], "d_model=30"),
     # compare and demo
     (["compare"], "--routers"),
     (["compare", "{missing}.yaml"], "missing.yaml"),

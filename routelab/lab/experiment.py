@@ -191,6 +191,9 @@ def run_experiment(
         prep_start = time.perf_counter()
         corpus = prepare_corpus(config.corpus.options(), cache_dir=cache_dir)
         prep_time = time.perf_counter() - prep_start
+    for entry in config.routers:  # every model shape is checked before anything is written
+        config.model.tinylm(vocab_size=corpus.vocab_size, max_seq_len=config.train.seq_len, router=entry.name,
+                            router_options=entry.options)
     atomic_write_json(config.folder / "experiment.json", config.model_dump())
     tokens = corpus.meta["num_tokens"]
     console.print(
