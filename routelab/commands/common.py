@@ -31,8 +31,13 @@ INTERRUPT_EXIT_CODE = 130
 
 
 def one_line(message: str) -> str:
-    """``message`` with its line breaks and runs of spaces folded into single spaces."""
-    return " ".join(message.split())
+    """``message`` on one line: its lines joined by ``; `` (by a space after a line ending in
+    ``:``) and runs of spaces folded."""
+    lines = [" ".join(line.split()) for line in message.splitlines()]
+    out = ""
+    for line in filter(None, lines):
+        out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def os_error_message(error: OSError) -> str:
@@ -47,7 +52,7 @@ def os_error_message(error: OSError) -> str:
         return (f"cannot write {where}: {reason}; choose a writable location (--out, --out-dir, --cache-dir or "
                 "$ROUTELAB_CACHE) or fix its permissions.")
     if error.errno in (errno.ENOENT, errno.ENOTDIR):
-        return f"{where} does not exist ({reason})."
+        return f"{where}: {reason} (an output's folder must exist; an input must exist)."
     if error.errno == errno.EISDIR:
         return f"{where} is a folder, not a file."
     return f"{reason}: {where}."
