@@ -52,7 +52,7 @@ def os_error_message(error: OSError) -> str:
         return (f"cannot write {where}: {reason}; choose a writable location (--out, --out-dir, --cache-dir or "
                 "$ROUTELAB_CACHE) or fix its permissions.")
     if error.errno in (errno.ENOENT, errno.ENOTDIR):
-        return f"{where}: {reason} (an output's folder must exist; an input must exist)."
+        return f"{where}: {reason} (check the path and that its folder exists)."
     if error.errno == errno.EISDIR:
         return f"{where} is a folder, not a file."
     return f"{reason}: {where}."
