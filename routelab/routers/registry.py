@@ -25,8 +25,8 @@ from routelab.core.validation import (
     check_positive_int,
     check_top_k,
 )
-from routelab.routers.base import Router
-from routelab.routers.capacity import DROP_POLICIES
+from routelab.routers.parts.capacity import DROP_POLICIES
+from routelab.routers.parts.router import Router
 
 
 @dataclass(frozen=True)
