@@ -54,3 +54,17 @@ def test_standalone_router_routes_good_input_and_the_layer_checks_once():
 def test_option_of_the_wrong_type_is_named(option, value):
     with pytest.raises(ConfigError, match=f"{option}(=| must)"):
         routelab.create_router("mixtral", d_model=D_MODEL, num_experts=4, **{option: value})
+
+
+def test_non_finite_count_matches_the_elementwise_count():
+    from routelab.core.validation import non_finite_count
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for bad in (0, 1, 7):
+            x = torch.randn(64, 16, generator=generator).to(dtype)
+            where = torch.randperm(x.numel(), generator=generator)[:bad]
+            x.view(-1)[where] = torch.tensor([float("nan"), float("inf"), -float("inf")] * 3)[:bad].to(dtype)
+            assert non_finite_count(x) == int((~torch.isfinite(x)).sum()) == bad
+    huge = torch.full((4, 4), 3e38)  # finite, but its sum overflows to inf
+    assert non_finite_count(huge) == 0
