@@ -47,6 +47,9 @@ def parse_corpus(specs: Sequence[str]) -> list[CorpusEntry]:
         files = (path,) if path.is_file() else tuple(sorted(p for p in path.rglob("*") if p.is_file()))
         if not files:
             raise ConfigError(f"corpus folder {str(path)!r} holds no files.")
+        if not any(read_text(f) for f in files):
+            raise ConfigError(f"corpus {str(path)!r} (from --corpus {spec!r}) holds no UTF-8 text (only binary or "
+                              "empty files).")
         entries.append(CorpusEntry(domain, path, files))
     return entries
 

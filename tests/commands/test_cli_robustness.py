@@ -85,6 +85,8 @@ ROWS = [
     (["train", "-o", "aux_loss_coef"], "--option"),
     (["train", "--threads", "0"], "--threads"),
     (["train", "--corpus", "{missing}"], "missing"),
+    (["train", "--corpus", "{bin}"], "junk.pt"),
+    (["trace", "{ckpt}", "--out", "t.trace", "--corpus", "{bin}"], "holds no UTF-8 text"),
     (["train", "--resume", "--out", "{corrupt_run}", *TRAIN_DATA], "config.json"),
     (["train", "--d-model", "30", "--n-heads", "4", *TRAIN_DATA], "d_model=30"),
     (["train", "--router", "dense", "--top-k", "9"], "top_k=9"),
