@@ -92,7 +92,7 @@ def test_folder_lock_names_its_holder_and_cleans_up(tmp_path):
 
 def test_two_trains_into_one_folder(data, tmp_path):
     solo, shared = tmp_path / "solo", tmp_path / "shared"
-    args = ["--steps", "20", "--eval-every", "10"]
+    args = ["--steps", "8", "--eval-every", "4"]
     alone = runner.invoke(app, train_args(data, solo, *args))  # also prepares the corpus cache
     assert alone.exit_code == 0, alone.output
     first = subprocess.Popen([*routelab_command(), *train_args(data, shared, *args)], stdout=subprocess.PIPE,
@@ -100,18 +100,27 @@ def test_two_trains_into_one_folder(data, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not (shared / LOCK_FILE).is_file() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        # the second writer: the same command's training entry point, the moment the first holds the folder
-        second = runner.invoke(app, train_args(data, shared, *args))
+            time.sleep(0.002)
+        # the second writer enters train's folder lock the moment the first holds it (milliseconds, so
+        # the first is still training whatever the machine's speed)
+        second_lock = FolderLock(shared, "run folder")
+        with pytest.raises(FolderInUseError) as refused:
+            second_lock.acquire()
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, err
-    assert second.exit_code == 2, second.output
-    lines = second.stderr.splitlines()
-    assert len(lines) == 1 and f"is in use by pid {first.pid} " in lines[0] and "routelab" in lines[0]
+    assert f"is in use by pid {first.pid} on " in str(refused.value) and "routelab train" in str(refused.value)
     assert not (shared / LOCK_FILE).exists()
+    assert_same_run(shared, solo)
+    # the same refusal from the command line: one error line, exit code 2, nothing changed
+    with FolderLock(shared, "run folder"):
+        before = sorted(p.name for p in shared.iterdir())
+        second = runner.invoke(app, train_args(data, shared, *args, "--resume"))
+        assert sorted(p.name for p in shared.iterdir()) == before
+    assert second.exit_code == 2 and second.stderr.count("\n") == 1
+    assert second.stderr.startswith(f"error: run folder {str(shared)!r} is in use by pid {os.getpid()} ")
     assert_same_run(shared, solo)
 
 
@@ -204,41 +213,51 @@ def _namespace_mounts_work(tmp_path: Path) -> bool:
     return done.returncode == 0
 
 
+# Runs inside the private mount namespace, in one interpreter: the full disk, the read-only
+# folder, then --resume after the disk was given room.
+NAMESPACE_SCRIPT = """
+import json, os, subprocess, sys
+from typer.testing import CliRunner
+from routelab.cli import app
+plan = json.loads(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={plan['size_kb']}k", "tmpfs", plan["disk"]], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", plan["read_only_folder"]], check=True)
+runner, out = CliRunner(), {}
+for name in ("full", "read_only", "resume"):
+    if name == "resume":
+        subprocess.run(["mount", "-o", "remount,size=64m", plan["disk"]], check=True)
+    result = runner.invoke(app, plan[name])
+    out[name] = {"code": result.exit_code, "stderr": result.stderr, "files": sorted(os.listdir(plan["run"]))}
+subprocess.run(["cp", "-r", plan["run"], plan["copy"]], check=True)
+print(json.dumps(out))
+"""
+
+
 def test_full_disk_and_read_only_folder(data, tmp_path):
     if not _namespace_mounts_work(tmp_path):
         pytest.skip("needs unshare and tmpfs mounts in a user namespace")
     args = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "2"]
     solo = tmp_path / "solo"
     assert runner.invoke(app, train_args(data, solo, *args)).exit_code == 0
-    checkpoint_bytes = checkpoint_bytes_estimate(solo / "model.pt")
     # Room for the run's small files and one checkpoint, not for a second copy during the atomic replace.
-    size_kb = (checkpoint_bytes * 3 // 2 + 48 * 1024) // 1024
+    size_kb = (checkpoint_bytes_estimate(solo / "model.pt") * 3 // 2 + 48 * 1024) // 1024
     disk, read_only = tmp_path / "disk", tmp_path / "ro"
     disk.mkdir()
     read_only.mkdir()
     run = disk / "run"
-    command = " ".join(f"'{part}'" for part in routelab_command())
-    script = f"""
-mount -t tmpfs -o size={size_kb}k tmpfs {disk} || exit 90
-mount -t tmpfs -o ro tmpfs {read_only} || exit 91
-({command} {" ".join(train_args(data, read_only / "run", *args))} 2> {tmp_path}/ro.err; echo "ro=$?") &
-{command} {" ".join(train_args(data, run, *args))} 2> {tmp_path}/full.err
-echo "full=$?"
-wait
-ls -a {run} > {tmp_path}/after_full.txt
-mount -o remount,size=64m {disk} || exit 92
-{command} {" ".join(train_args(data, run, *args, "--resume"))} 2> {tmp_path}/resume.err
-echo "resume=$?"
-cp -r {run} {tmp_path}/resumed
-"""
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
-    codes = dict(line.split("=") for line in done.stdout.split() if "=" in line)
-    assert codes == {"full": "2", "ro": "2", "resume": "0"}, (done.stdout, done.stderr)
-    full_err = (tmp_path / "full.err").read_text().splitlines()
-    assert len(full_err) == 1 and full_err[0].startswith("error: no space left on the device"), full_err
-    assert "checkpoint.pt" in full_err[0]
-    left = (tmp_path / "after_full.txt").read_text().split()
-    assert "checkpoint.pt" in left and not [name for name in left if ".tmp" in name]
-    ro_err = (tmp_path / "ro.err").read_text().splitlines()
-    assert len(ro_err) == 1 and "cannot write" in ro_err[0] and "Read-only file system" in ro_err[0], ro_err
+    plan = {"size_kb": size_kb, "disk": str(disk), "read_only_folder": str(read_only), "run": str(run),
+            "copy": str(tmp_path / "resumed"), "full": train_args(data, run, *args),
+            "read_only": train_args(data, read_only / "run", *args), "resume": train_args(data, run, *args, "--resume")}
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", NAMESPACE_SCRIPT, json.dumps(plan)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    full = out["full"]
+    assert full["code"] == 2 and full["stderr"].count("\n") == 1, full
+    assert full["stderr"].startswith("error: no space left on the device") and "checkpoint.pt" in full["stderr"]
+    assert "checkpoint.pt" in full["files"] and not [name for name in full["files"] if ".tmp" in name]
+    ro = out["read_only"]
+    assert ro["code"] == 2 and ro["stderr"].count("\n") == 1, ro
+    assert "cannot write" in ro["stderr"] and "Read-only file system" in ro["stderr"]
+    assert out["resume"]["code"] == 0, out["resume"]
     assert_same_run(tmp_path / "resumed", solo)
