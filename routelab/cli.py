@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "routelab.commands.lab",
     "routelab.commands.diagnostics",
     "routelab.commands.hf",
+    "routelab.commands.queries",
 )
 
 app = typer.Typer(

@@ -120,6 +120,7 @@ def trace_command(
         "seq_len": seq_len,
         "moe_layers": source.layer_names,
         "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+        **_expert_size(model, source.num_experts),
     }
     if entries is not None:
         metadata.update(corpus=corpus_description(entries), domain_names=[e.domain for e in entries])
@@ -169,6 +170,15 @@ def analyze_command(
     console.print(f"report: {report}")
 
 
+def _expert_size(model: Any, num_experts: int) -> dict[str, Any]:
+    """Expert size metadata of the first experts module of a lab model (none for a dense model)."""
+    from routelab.moe.experts import BatchedExperts
+    from routelab.systems.expert_size import expert_size_metadata
+
+    experts = next((m for m in model.modules() if isinstance(m, BatchedExperts)), None)
+    return expert_size_metadata(experts, num_experts) if experts is not None else {}
+
+
 def simulate_cache_command(
     trace_path: Path = typer.Argument(..., help="Trace directory."),
     sizes: str | None = typer.Option(None, "--sizes", help="Cache sizes in experts per layer (default k,2k,4k,..,E)."),
@@ -179,7 +189,9 @@ def simulate_cache_command(
     prefetch_width: int | None = typer.Option(
         None, "--prefetch-width", min=1, help="Experts prefetched per layer (default k)."
     ),
-    expert_mb: float = typer.Option(3 * 4096 * 14336 * 2 / 1e6, "--expert-mb", help="Expert size in MB."),
+    expert_mb: float | None = typer.Option(
+        None, "--expert-mb", help="Expert size in MB (default: from the trace metadata, else a Mixtral expert, 352 MB)."
+    ),
     bandwidth_gbs: float = typer.Option(25.0, "--bandwidth-gbs", help="Host-to-device bandwidth, GB/s."),
     compute_ms: float = typer.Option(0.5, "--compute-ms", help="Compute per token and expert, ms."),
     reset_per_sequence: bool = typer.Option(False, "--reset-per-sequence", help="Empty caches at each sequence."),
@@ -189,20 +201,23 @@ def simulate_cache_command(
     """Replay a trace against expert caches: hit rate, bytes moved and latency per policy and size."""
     console = Console()
     from routelab.systems.cache import BandwidthModel, simulate_cache
+    from routelab.systems.expert_size import resolve_expert_size
 
     check_at_least("--expert-mb", expert_mb, 0, strict=True)
     check_at_least("--bandwidth-gbs", bandwidth_gbs, 0, strict=True)
     check_at_least("--compute-ms", compute_ms, 0)
-    model = BandwidthModel(expert_bytes=expert_mb * 1e6, bandwidth=bandwidth_gbs * 1e9, expert_compute_s=compute_ms / 1e3)
     cache_sizes = parse_int_list(sizes, "--sizes", minimum=1)
     policy_names = [p.strip() for p in policies.split(",") if p.strip()]
     if not policy_names:
         raise ConfigError("--policies is empty; name at least one of lru, lfu, belady.")
     trace = _open_trace(trace_path, max_tokens)
+    size = resolve_expert_size(expert_mb, trace.metadata)
+    model = BandwidthModel(expert_bytes=size.bytes, bandwidth=bandwidth_gbs * 1e9, expert_compute_s=compute_ms / 1e3)
     sweep = simulate_cache(
         trace, cache_sizes=cache_sizes, policies=policy_names, scope=scope, prefetch=prefetch,
         predictor=predictor, prefetch_width=prefetch_width, reset_per_sequence=reset_per_sequence, model=model,
     )
+    console.print(f"expert size: {size.bytes / 1e6:.3g} MB, from {size.source}")
     table = Table(title=f"expert cache ({scope}), {sweep.tokens} tokens x {sweep.num_layers} layers")
     for col in ("policy", "C", "hit rate", "loads", "GB moved", "prefetch loads", "prefetch GB", "ms/token"):
         table.add_column(col, justify="right")
