@@ -156,6 +156,13 @@ ROWS = [
     (["simulate", "schedule", "{trace}", "--unit", "bogus"], "unit"),
     (["simulate", "schedule", "{trace}", "--pool", "0"], "--pool"),
     (["simulate", "schedule", "{missing}"], "missing"),
+    # queries
+    (["queries", "evaluate", "--seeds", "-1"], "--seeds"),
+    (["queries", "evaluate", "--seeds", "x"], "--seeds"),
+    (["queries", "evaluate", "--routers", ","], "--routers"),
+    (["queries", "evaluate", "--routers", "nope"], "router"),
+    (["queries", "evaluate", "--datasets", "{missing}.csv"], "missing.csv"),
+    (["queries", "evaluate", "-o", "knn"], "--option"),
     # bench and list
     (["bench", "--tokens", "0"], "--tokens"),
     (["bench", "--repeats", "0"], "--repeats"),
