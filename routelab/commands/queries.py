@@ -8,7 +8,8 @@ import typer
 import yaml
 from rich.table import Table
 
-from routelab.commands.lab import err_console, friendly_errors, output_console, parse_ints
+from routelab.commands.common import parse_int_list
+from routelab.commands.lab import err_console, output_console
 from routelab.core.errors import ConfigError
 
 queries_app = typer.Typer(help="Query -> LLM routing (level 4): datasets, routers, replay evaluation.",
@@ -16,7 +17,6 @@ queries_app = typer.Typer(help="Query -> LLM routing (level 4): datasets, router
 
 
 @queries_app.command("list")
-@friendly_errors
 def list_command() -> None:
     """The shipped datasets and the registered query routers."""
     from routelab.queries import list_datasets, list_query_routers
@@ -61,7 +61,6 @@ def split_names(value: str | None, flag: str) -> list[str] | None:
 
 
 @queries_app.command("evaluate")
-@friendly_errors
 def evaluate_command(
     datasets: Optional[str] = typer.Option(None, "--datasets", help="Comma-separated shipped datasets and/or table "
                                            "paths (default: every shipped dataset)."),
@@ -86,7 +85,7 @@ def evaluate_command(
     config = QueryExperiment(
         datasets=split_names(datasets, "--datasets") or list(DATASETS),
         routers=[RouterSpec(r, per_router.get(r, {})) for r in router_names],
-        seeds=parse_ints(seeds, "--seeds") or [0], name=name, out_dir=out_dir, decontaminate=decontaminate,
+        seeds=parse_int_list(seeds, "--seeds", minimum=0) or [0], name=name, out_dir=out_dir, decontaminate=decontaminate,
     )
     err_console.print(f"routelab queries evaluate: {len(config.datasets)} dataset(s) x {len(config.routers)} "
                       f"router(s) x seeds {config.seeds} -> {config.folder}/")
