@@ -10,14 +10,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from routelab.commands.lab import apply_threads, friendly_errors, output_console
+from routelab.commands.lab import apply_threads, output_console
 from routelab.core.errors import ConfigError
 
 adapters_app = typer.Typer(help="Adapter routing (level 2): LoRA experts routed per token or per task.",
                            no_args_is_help=True)
 
 
-@friendly_errors
 def list_command() -> None:
     """Every adapter-routing method and its paper."""
     from routelab.adapters import list_methods
@@ -30,7 +29,6 @@ def list_command() -> None:
     output_console().print(table)
 
 
-@friendly_errors
 def compare_command(
     config_file: Optional[Path] = typer.Argument(None, help="Settings file (.yaml/.yml/.toml); flags override it."),
     out: Optional[str] = typer.Option(None, "--out", help="Output folder (default runs/adapters; runs/adapters-smoke with --smoke)."),
