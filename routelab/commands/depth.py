@@ -9,14 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from routelab.commands.lab import friendly_errors
 
 depth_app = typer.Typer(help="Depth routing (level 3): list the methods; gamma-MoD layer selection by ARank.",
                         no_args_is_help=True)
 
 
 @depth_app.command("list")
-@friendly_errors
 def list_command() -> None:
     """Every depth method: paper, options, FFN kind and how it decodes with a KV cache."""
     from routelab.depth import list_depth_methods
@@ -30,7 +28,6 @@ def list_command() -> None:
 
 
 @depth_app.command("arank")
-@friendly_errors
 def arank_command(
     checkpoint: Path = typer.Argument(..., help="A TinyLM checkpoint (model.pt) of a trained run."),
     layers: int = typer.Option(2, "--layers", help="How many low-ARank layers to route."),
