@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routelab.lab.data import PreparedCorpus
-from routelab.lab.experiment import ExperimentConfig
+from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
 from routelab.lab.run_metrics import RunRecord, run_columns
 from routelab.lab.stats import tost

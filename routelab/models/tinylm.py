@@ -38,6 +38,13 @@ from routelab.routers.registry import preset_info
 FFN_KINDS = ("dense", "moe")
 
 
+def shape_field(default: Any, *, flag: str, help: str, minimum: int | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A ``TinyLMConfig`` field that experiments set: the lab's pydantic ``ModelSettings`` and the
+    ``--flag`` of ``routelab train`` / ``routelab compare`` are derived from it (default, help,
+    bounds), so the three cannot drift apart."""
+    return field(default=default, metadata={"flag": flag, "help": help, "minimum": minimum, "choices": choices})
+
+
 @dataclass
 class TinyLMConfig:
     """Shape and routing of a TinyLM.
@@ -52,31 +59,44 @@ class TinyLMConfig:
         router_options: options of that preset (e.g. ``{"aux_loss_coef": 0.01}``).
         num_experts: routed experts per MoE layer.
         top_k: experts per token: one int, a list with one entry per MoE layer, or None
-            for the preset's default.
+            for the preset's default. The default 2 gives every router the same number of
+            active experts, which a comparison of routers needs.
         expert_d_hidden: hidden width of each routed expert (default ``d_ff``).
         moe_every: 1 = every FFN is MoE; n = layers ``n-1, 2n-1, ...`` are MoE.
         num_shared_experts, shared_d_hidden: always-on experts (DeepSeekMoE).
-        activation: ``swiglu`` or ``gelu``.
+        activation: ``swiglu``, ``gelu`` or ``relu``.
         rope_base: rotary base frequency.
         init_std: std of the embedding and projection initialisation.
+
+    The fields made with ``shape_field`` are the ones an experiment sets (``shape_fields()``).
     """
 
     vocab_size: int
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = shape_field(128, flag="--d-model", help="Model width.", minimum=2)
+    n_layers: int = shape_field(4, flag="--n-layers", help="Transformer layers.", minimum=1)
+    n_heads: int = shape_field(4, flag="--n-heads", help="Attention heads.", minimum=1)
     max_seq_len: int = 256
     ffn: str = "moe"
-    d_ff: int | None = None
+    d_ff: int | None = shape_field(None, flag="--d-ff", help="Width of the dense FFNs (default: 4*d_model).", minimum=1)
     router: str = "mixtral"
     router_options: dict[str, Any] = field(default_factory=dict)
-    num_experts: int = 8
-    top_k: int | list[int] | None = None
-    expert_d_hidden: int | None = None
-    moe_every: int = 1
-    num_shared_experts: int = 0
-    shared_d_hidden: int | None = None
-    activation: str = "swiglu"
+    num_experts: int = shape_field(8, flag="--num-experts", help="Routed experts per MoE layer.", minimum=1)
+    top_k: int | list[int] | None = shape_field(
+        2, flag="--top-k", help="Experts per token, or one value per MoE layer (comma-separated)."
+    )
+    expert_d_hidden: int | None = shape_field(
+        None, flag="--expert-d-hidden", help="Hidden width of each expert (default: 4*d_model).", minimum=1
+    )
+    moe_every: int = shape_field(1, flag="--moe-every", help="Every n-th layer is MoE (1 = all).", minimum=1)
+    num_shared_experts: int = shape_field(
+        0, flag="--shared-experts", help="Always-on shared experts per MoE layer.", minimum=0
+    )
+    shared_d_hidden: int | None = shape_field(
+        None, flag="--shared-d-hidden", help="Hidden width of each shared expert (default: the expert width).",
+        minimum=1,
+    )
+    activation: str = shape_field("swiglu", flag="--activation", help=f"FFN activation: {', '.join(ACTIVATIONS)}.",
+                                  choices=ACTIVATIONS)
     rope_base: float = 10000.0
     init_std: float = 0.02
 
@@ -153,6 +173,11 @@ class TinyLMConfig:
         top_k = self.top_k if self.top_k is not None else min(preset_info(self.router).default_top_k, self.num_experts)
         width = top_k * expert_width + self.num_shared_experts * (self.shared_d_hidden or expert_width)
         return dataclasses.replace(self, ffn="dense", d_ff=width, router_options={}, top_k=None)
+
+
+def shape_fields() -> list[dataclasses.Field]:
+    """The ``TinyLMConfig`` fields that experiments set, in declaration order (see ``shape_field``)."""
+    return [f for f in dataclasses.fields(TinyLMConfig) if "flag" in f.metadata]
 
 
 @dataclass
