@@ -6,7 +6,7 @@ Every routing method is a router built from parts (scorer -> score function -> s
 
 from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
 from routelab.core.cpu_allocator import tune_cpu_allocator
-from routelab.moe import MoE, MoEOutput
+from routelab.moe import MoE, MoEOutput, SoftMoE, moe_layer
 from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
 from routelab.traces import Trace
 
@@ -21,11 +21,13 @@ __all__ = [
     "Routing",
     "RoutelabError",
     "RoutingContext",
+    "SoftMoE",
     "TokenBatch",
     "Trace",
     "create_router",
     "end_of_step",
     "list_routers",
+    "moe_layer",
     "preset_info",
     "tune_cpu_allocator",
 ]

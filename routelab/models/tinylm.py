@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary positions (RoFormer, Su et al.
 2021), causal ``F.scaled_dot_product_attention`` and tied input/output embeddings (Press &
 Wolf 2017), as in GPT-2/LLaMA-style small models. The FFN of every layer, or of every
-``moe_every``-th layer, is a ``routelab.MoE`` with any router preset.
+``moe_every``-th layer, is a routelab MoE layer with any router preset (``routelab.moe_layer``:
+``routelab.MoE``, or ``routelab.SoftMoE`` for a soft router).
 
 What routers get: one ``RoutingContext`` per forward (token ids for hash routers, the
 padding mask, an optional timestep, and the ``carry`` dict that layerwise-recurrent
@@ -32,7 +33,7 @@ from routelab.core.errors import ConfigError, InputError
 from routelab.core.routing import Routing
 from routelab.core.validation import check_choice, check_positive_int, check_token_tensor
 from routelab.moe.experts import ACTIVATIONS, DenseFFN
-from routelab.moe.layer import MoE
+from routelab.moe.soft import moe_layer
 from routelab.routers.registry import preset_info
 
 FFN_KINDS = ("dense", "moe")
@@ -290,7 +291,7 @@ class Block(nn.Module):
             info = preset_info(config.router)
             if info.needs_token_ids and "seed" in info.specific_options() and "seed" not in options:
                 options["seed"] = layer_index  # token-id hashing: a different hash function per layer
-            self.ffn = MoE(
+            self.ffn = moe_layer(
                 d_model=config.d_model,
                 d_hidden=config.expert_d_hidden or config.ffn_width,
                 num_experts=config.num_experts,

@@ -133,7 +133,13 @@ class Router(nn.Module):
         losses: auxiliary losses; ``Routing.aux_loss`` is ``sum(coef * loss)``.
         capacity: optional token-dropping stage applied after selection.
         name: the preset name, for display.
+
+    ``layer_kind`` names the layer that runs it: ``"token"`` routers (every one built from
+    parts) run in ``routelab.MoE``; a router whose experts see mixtures of tokens says so
+    (``routelab.SoftMoE``).
     """
+
+    layer_kind = "token"
 
     def __init__(
         self,
