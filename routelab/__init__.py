@@ -7,7 +7,7 @@ Every routing method is a router built from parts (scorer -> score function -> s
 from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
 from routelab.core.cpu_allocator import tune_cpu_allocator
 from routelab.moe import MoE, MoEOutput, SoftMoE, moe_layer
-from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
+from routelab.routers import Router, create_router, end_of_step, fit_to_data, list_routers, preset_info, register_end_of_step
 from routelab.traces import Trace
 
 __version__ = "0.1.0"
@@ -26,9 +26,11 @@ __all__ = [
     "Trace",
     "create_router",
     "end_of_step",
+    "fit_to_data",
     "list_routers",
     "moe_layer",
     "preset_info",
+    "register_end_of_step",
     "tune_cpu_allocator",
 ]
 

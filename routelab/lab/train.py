@@ -1,6 +1,8 @@
 """The training loop of one run: AdamW, warmup + cosine, clipping, bf16 autocast, gradient
-accumulation, router aux losses, ``routelab.end_of_step`` after every optimizer step,
-periodic validation, JSONL metrics and atomic, exactly resumable checkpoints.
+accumulation, router aux losses, ``routelab.end_of_step`` after every optimizer step (an
+optimizer step hook, ``routelab.register_end_of_step``), routers fitted to the training
+tokens first (``routelab.fit_to_data``), periodic validation, JSONL metrics and atomic,
+exactly resumable checkpoints.
 
 A run lives in one folder::
 
@@ -51,8 +53,7 @@ from routelab.lab.data import PreparedCorpus
 from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.models.tinylm import TinyLM, TinyLMConfig
-from routelab.routers.parts.router import end_of_step
-from routelab.routers.families.fixed import HashSelector
+from routelab.routers.parts.router import fit_to_data, register_end_of_step
 
 STEP_STATS = ("max_vio", "cv", "dead_experts", "drop_rate", "active_experts_per_token")
 
@@ -122,16 +123,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
     except (RuntimeError, TypeError):  # a device or build without the fused kernel
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
-
-
-def fit_hash_tables(model: TinyLM, tokens: np.ndarray) -> None:
-    """Fit every frequency-balanced hash router to the training token counts (Roller et al. 2021)."""
-    counts = None
-    for module in model.modules():
-        if isinstance(module, HashSelector) and module.mode == "balanced":
-            if counts is None:
-                counts = torch.from_numpy(np.bincount(np.asarray(tokens), minlength=model.config.vocab_size))
-            module.fit(counts)
 
 
 def seed_everything(seed: int) -> None:
@@ -361,8 +352,9 @@ def start_training(
     """A fresh model, optimizer and schedule for the run's seed, restored from the checkpoint when resuming."""
     seed_everything(train_config.seed)
     model = TinyLM(model_config)
-    fit_hash_tables(model, corpus.tokens("train"))
+    fit_to_data(model, torch.from_numpy(np.asarray(corpus.tokens("train"), dtype=np.int64)), model_config.vocab_size)
     optimizer = build_optimizer(model, train_config)
+    register_end_of_step(optimizer, model)  # routers' once-per-step updates (e.g. loss-free bias)
     schedule = WarmupCosine(train_config.warmup_steps, train_config.steps, train_config.min_lr_ratio)
     state = TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), ProbeHistory())
     if resuming:
@@ -400,7 +392,6 @@ def train_step(state: TrainingState, data: RunData, config: TrainConfig, precisi
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    end_of_step(state.model)
     elapsed = time.perf_counter() - start
     state.train_tokens += config.tokens_per_step
     state.train_time += elapsed

@@ -19,7 +19,7 @@ import torch
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.validation import check_choice, check_top_k
 from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
-from routelab.routers.parts.router import Router, RoutingDraft, Selector
+from routelab.routers.parts.router import FitsData, Router, RoutingDraft, Selector, TrainingData
 from routelab.routers.parts.score_functions import Identity
 from routelab.routers.parts.scorers import ConstantScorer, LinearScorer
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
@@ -42,8 +42,12 @@ def mix_hash(key: torch.Tensor, seed: int) -> torch.Tensor:
     return x
 
 
-class HashSelector(Selector):
-    """Route each token by a fixed function of its token id (needs ``token_ids``)."""
+class HashSelector(Selector, FitsData):
+    """Route each token by a fixed function of its token id (needs ``token_ids``).
+
+    ``hash_mode='balanced'`` is fitted to the training token counts before training
+    (``routelab.fit_to_data``, which the lab calls).
+    """
 
     def __init__(
         self,
@@ -90,6 +94,10 @@ class HashSelector(Selector):
                 table[token_id, slot] = e
                 load[e] += freq
         self.table.copy_(table.to(self.table.device))
+
+    def fit_data(self, data: TrainingData) -> None:
+        if self.mode == "balanced":
+            self.fit(data.token_counts_V)
 
     def expert_ids(self, draft: RoutingDraft) -> torch.Tensor:
         ids_T = draft.batch.token_ids_T
