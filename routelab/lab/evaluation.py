@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routelab.core.stats import balance_stats
+from routelab.core.routing_stats import balance_stats
 from routelab.lab.batches import Batch
 from routelab.models.tinylm import TinyLM
 

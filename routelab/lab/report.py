@@ -24,7 +24,7 @@ from routelab.lab.data import PreparedCorpus
 from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
 from routelab.lab.run_metrics import RunRecord, run_columns
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 
 ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (

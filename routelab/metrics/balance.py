@@ -4,7 +4,7 @@ Definitions (specs/systems-and-adapters.md A4): for per-expert loads ``c_e``,
 MaxVio = (max c - mean c) / mean c (Wang et al., "Auxiliary-loss-free load balancing",
 arXiv 2408.15664); CV = population std / mean; normalised entropy H(c / sum c) / ln E;
 min/max ratio; Gini coefficient; dead experts = experts with no load. MaxVio, CV, entropy
-and dead experts come from ``routelab.core.stats.balance_stats``, the same code that fills
+and dead experts come from ``routelab.core.routing_stats.balance_stats``, the same code that fills
 ``Routing.stats`` during training.
 
 Balance measured per batch and over the whole evaluation set differ (a router can balance
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from routelab.core.errors import ConfigError
-from routelab.core.stats import balance_stats
+from routelab.core.routing_stats import balance_stats
 
 METRICS = ("max_vio", "cv", "entropy", "gini", "min_max_ratio", "dead_experts")
 

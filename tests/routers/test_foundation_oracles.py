@@ -9,7 +9,7 @@ import torch
 
 import routelab
 from routelab.core.context import TokenBatch
-from routelab.core.stats import balance_stats, routing_stats
+from routelab.core.routing_stats import balance_stats, routing_stats
 from routelab.routers.parts.balancers import LossFreeBias
 from routelab.routers.parts.router import Router
 from routelab.routers.parts.capacity import Capacity, expert_capacity

@@ -20,7 +20,7 @@ ReLU routing: ReMoE and BlockFFN (spec §8).
 
 Both routers give every token a variable number of experts: the selector returns the
 active experts with ``k_max`` = the largest count in the batch and ``-1`` in the unused
-slots, and reports TLS/CLS sparsity (``routelab.core.sparsity``) in ``Routing.stats``.
+slots, and reports TLS/CLS sparsity (``routelab.core.routing_sparsity``) in ``Routing.stats``.
 The coefficients that adapt are buffers (saved in checkpoints) updated in ``end_of_step``.
 """
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routelab.core.errors import ConfigError
-from routelab.core.sparsity import sparsity_stats
+from routelab.core.routing_sparsity import sparsity_stats
 from routelab.core.validation import check_non_negative, check_positive_int
 from routelab.routers.parts.assembly import assemble_router
 from routelab.routers.parts.router import Router, RouterLoss, RoutingDraft, ScoreFunction, Selector, StatefulPart

@@ -38,7 +38,7 @@ from torch import nn
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
-from routelab.core.stats import routing_stats
+from routelab.core.routing_stats import routing_stats
 from routelab.core.validation import check_positive_int
 from routelab.routers.parts.gates import GateNorm
 from routelab.routers.parts.layout import to_padded

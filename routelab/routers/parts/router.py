@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from routelab.core.context import TokenBatch
 from routelab.core.routing import Routing
-from routelab.core.stats import expert_load, routing_stats
+from routelab.core.routing_stats import expert_load, routing_stats
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from routelab.benchmarks.timing import median_time
+from routelab.bench.timing import median_time
 from routelab.moe.dispatch import sort_by_expert
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.moe.layer import MoE
