@@ -1,6 +1,6 @@
 """Load-balance metrics of a routing, per layer, with percentiles across layers.
 
-Definitions (specs/systems-and-adapters.md A4): for per-expert loads ``c_e``,
+Definitions: for per-expert loads ``c_e``,
 MaxVio = (max c - mean c) / mean c (Wang et al., "Auxiliary-loss-free load balancing",
 arXiv 2408.15664); CV = population std / mean; normalised entropy H(c / sum c) / ln E;
 min/max ratio; Gini coefficient; dead experts = experts with no load. MaxVio, CV, entropy
@@ -45,7 +45,7 @@ def gini(load_E: np.ndarray) -> float:
 def balance_metrics(load_E: np.ndarray) -> dict[str, float]:
     """MaxVio, CV, normalised entropy, Gini, min/max ratio and dead experts of one load vector.
 
-    Example: ``[4, 2, 1, 1]`` gives MaxVio 1.0, CV 0.6124, entropy 0.875 (spec oracle).
+    Example: ``[4, 2, 1, 1]`` gives MaxVio 1.0, CV 0.6124, entropy 0.875 (hand-computed; tests/metrics/test_metrics.py).
     With zero total load every value is 0.
     """
     load = np.asarray(load_E, dtype=np.float64)

@@ -210,11 +210,11 @@ def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x_BASd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs ``(i, i + d/2)`` by the position angle (the "rotate half" layout)."""
-    half = x_BHSd.shape[-1] // 2
-    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
-    return x_BHSd * cos_Sd.to(x_BHSd.dtype) + rotated * sin_Sd.to(x_BHSd.dtype)
+    half = x_BASd.shape[-1] // 2
+    rotated = torch.cat([-x_BASd[..., half:], x_BASd[..., :half]], dim=-1)
+    return x_BASd * cos_Sd.to(x_BASd.dtype) + rotated * sin_Sd.to(x_BASd.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -250,9 +250,9 @@ class CausalSelfAttention(nn.Module):
             if mask is None:
                 mask = torch.ones(seq, seq, dtype=torch.bool, device=x_BSD.device).tril()
             scores = scores.masked_fill(~mask, float("-inf"))
-            probs_BHSS = torch.softmax(scores, dim=-1)
-            probs_BSS = probs_BHSS.mean(dim=1)
-            y = probs_BHSS.to(v.dtype) @ v
+            probs_BASS = torch.softmax(scores, dim=-1)
+            probs_BSS = probs_BASS.mean(dim=1)
+            y = probs_BASS.to(v.dtype) @ v
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

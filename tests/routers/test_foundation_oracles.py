@@ -1,4 +1,5 @@
-"""Hand-computed oracles of specs/token-routers.md §0, §1, §2, §4, §6, §13 for the first presets."""
+"""Hand-computed oracles for the first presets: top-k gating, expert choice, loss-free bias, hash
+routing and the shared parts (balance losses, capacity, statistics)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ReLU routing: ReMoE, BlockFFN, TLS/CLS sparsity (spec §8)."""
+"""ReLU routing: ReMoE, BlockFFN, TLS/CLS sparsity."""
 
 from __future__ import annotations
 

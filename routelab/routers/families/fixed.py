@@ -1,4 +1,4 @@
-"""Fixed-assignment presets: hash layers and random-fixed routing (spec §6).
+"""Fixed-assignment presets: hash layers and random-fixed routing.
 
 Fixed token-id routing: Hash Layers (Roller et al. 2021, "Hash Layers For Large Sparse Models").
 
@@ -54,9 +54,9 @@ class HashSelector(Selector, FitsData):
         num_experts: int,
         top_k: int = 1,
         *,
-        mode: str = "random",
-        seed: int = 0,
-        vocab_size: int | None = None,
+        mode: str,
+        seed: int,
+        vocab_size: int | None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -164,7 +164,7 @@ def build_random_fixed(
     ``id-table`` routes by a seeded random hash of the token id (needs ``token_ids``)."""
     check_choice("fixed_mode", fixed_mode, ("frozen-linear", "id-table"))
     if fixed_mode == "id-table":
-        return hash_router(spec, common, HashSelector(spec.num_experts, spec.top_k, mode="random", seed=seed))
+        return hash_router(spec, common, HashSelector(spec.num_experts, spec.top_k, mode="random", seed=seed, vocab_size=None))
     scorer = LinearScorer(
         spec.d_model, spec.num_experts, init_std=common.router_init_std or 0.02,
         jitter_eps=common.jitter_eps, trainable=False, seed=seed,

@@ -57,7 +57,7 @@ class SlotScorer(Scorer):
         jitter_eps: Switch-style input jitter in training (0 = off).
     """
 
-    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *, normalize: bool = True, jitter_eps: float = 0.0) -> None:
+    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int, *, normalize: bool, jitter_eps: float = 0.0) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.slots_per_expert = check_positive_int("slots_per_expert", slots_per_expert)
@@ -127,8 +127,8 @@ class SoftRouter(Router):
         num_experts: int,
         *,
         top_k: int = 1,
-        slots_per_expert: int = 1,
-        normalize: bool = True,
+        slots_per_expert: int,
+        normalize: bool,
         jitter_eps: float = 0.0,
     ) -> None:
         # top_k is nominal (kept for the registry and layer attributes): every expert is used.

@@ -279,7 +279,7 @@ class Router(nn.Module):
                 "loss-free balancing stops). Call routelab.end_of_step(model) after each optimizer.step(), "
                 "or once routelab.register_end_of_step(optimizer, model).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
 
     def end_of_step(self) -> None:
