@@ -8,6 +8,7 @@ from routelab.core import ConfigError, InputError, Routing, RoutelabError, Routi
 from routelab.core.cpu_allocator import tune_cpu_allocator
 from routelab.moe import MoE, MoEOutput, SoftMoE, moe_layer
 from routelab.routers import Router, create_router, end_of_step, fit_to_data, list_routers, preset_info, register_end_of_step
+from routelab.routers.replay import RoutingRecord, record_routing, replay_routing
 from routelab.traces import Trace
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "MoEOutput",
     "Router",
     "Routing",
+    "RoutingRecord",
     "RoutelabError",
     "RoutingContext",
     "SoftMoE",
@@ -30,7 +32,9 @@ __all__ = [
     "list_routers",
     "moe_layer",
     "preset_info",
+    "record_routing",
     "register_end_of_step",
+    "replay_routing",
     "tune_cpu_allocator",
 ]
 

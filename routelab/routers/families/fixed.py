@@ -49,6 +49,8 @@ class HashSelector(Selector, FitsData):
     (``routelab.fit_to_data``, which the lab calls).
     """
 
+    constant_gates = True  # every selected expert gets 1/k
+
     def __init__(
         self,
         num_experts: int,

@@ -20,8 +20,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from routelab.core.context import TokenBatch
+from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
 from routelab.core.routing_stats import expert_load, routing_stats
+from routelab.core.validation import check_router_input
 
 
 @dataclass
@@ -120,6 +122,25 @@ class Selector(nn.Module, ABC):
     def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
+    # Router replay (``routelab.routers.replay``) forces recorded experts; a selector that can
+    # compute its gates for given experts says so and implements ``replay_gates``.
+    supports_replay: bool = False
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """Raw gates of the forced experts ``topk_idx_TK`` (``-1`` slots get 0)."""
+        raise ConfigError(f"{type(self).__name__} cannot recompute gates for forced experts (no router replay).")
+
+
+class ScoreGatesSelector(Selector):
+    """A selector whose raw gates are the unbiased scores of the selected experts (top-k style)."""
+
+    supports_replay = True
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        assert draft.scores_TE is not None
+        gate_TK = draft.scores_TE.gather(1, topk_idx_TK.clamp_min(0))
+        return torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
+
 
 class Balancer(StatefulPart):
     """A stateful bias that changes which experts are selected but never the gate values."""
@@ -196,6 +217,9 @@ class Router(nn.Module):
         self.has_stateful_parts = any(isinstance(m, StatefulPart) for m in self.modules())
         self.forwards_since_step = 0
         self.warned_no_step = False
+        self.d_model: int | None = None  # set by create_router; checked on standalone calls
+        self.replay: Any = None  # set by routelab.routers.replay while recording or replaying
+        self.register_forward_pre_hook(_check_standalone_input, with_kwargs=True)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -224,20 +248,23 @@ class Router(nn.Module):
             else:
                 draft.selection_scores_TE = draft.scores_TE
             topk_idx_TK, gate_TK = self.selector(draft)
+            if self.replay is not None:
+                topk_idx_TK, gate_TK = self.replay.apply(self, draft, topk_idx_TK, gate_TK)
             gate_TK = self.gate_norm(gate_TK, topk_idx_TK, draft)
             gate_TK = torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
             draft.topk_idx_TK, draft.gate_TK = topk_idx_TK, gate_TK
 
             losses = self._losses(draft)
-            if self.training and self.balancer is not None:
-                with torch.no_grad():
-                    self.balancer.observe(draft)
 
             load_before_drop_E = expert_load(topk_idx_TK, self.num_experts)
             selected = load_before_drop_E.sum()
             capacity = None
             if self.capacity is not None:
                 topk_idx_TK, gate_TK, capacity = self.capacity(topk_idx_TK, gate_TK, draft)
+            draft.extras["kept_topk_idx_TK"] = topk_idx_TK
+            if self.training and self.balancer is not None:
+                with torch.no_grad():
+                    self.balancer.observe(draft)
             stats = routing_stats(
                 topk_idx_TK,
                 self.num_experts,
@@ -285,6 +312,11 @@ class Router(nn.Module):
     def end_of_step(self) -> None:
         """Update every stateful part of this router (call once per optimizer step)."""
         end_of_step(self)
+
+
+def _check_standalone_input(router: Router, args: tuple, kwargs: dict) -> None:
+    """Every router call gets the MoE layer's input checks (skipped inside the layer, which ran them)."""
+    check_router_input(args[0] if args else kwargs.get("x_TD"), router.d_model, name="x_TD")
 
 
 def end_of_step(model: nn.Module) -> int:
