@@ -1,4 +1,5 @@
-"""Hand-computed oracles of specs/token-routers.md §0, §1, §2, §4, §6, §13 for the first presets."""
+"""Hand-computed oracles for the first presets: top-k gating, expert choice, loss-free bias, hash
+routing and the shared parts (balance losses, capacity, statistics)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import routelab
 from routelab.core.context import TokenBatch
-from routelab.core.stats import balance_stats, routing_stats
+from routelab.core.routing_stats import balance_stats, routing_stats
 from routelab.routers.parts.balancers import LossFreeBias
 from routelab.routers.parts.router import Router
 from routelab.routers.parts.capacity import Capacity, expert_capacity
