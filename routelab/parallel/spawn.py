@@ -81,6 +81,16 @@ def run_workers(
                     results[rank] = pickle.loads(path.read_bytes())
             if len(results) == world_size:
                 break
+            if any(status == "error" for status, _ in results.values()):
+                # as torchrun does: one failed rank ends the job (peers blocked on it are killed)
+                grace = time.monotonic() + 3.0
+                while time.monotonic() < grace and len(results) < world_size:
+                    time.sleep(0.05)
+                    for rank in range(world_size):
+                        path = Path(folder) / f"rank{rank}.pkl"
+                        if rank not in results and path.exists():
+                            results[rank] = pickle.loads(path.read_bytes())
+                break
             if time.monotonic() > deadline:
                 running = [rank for rank in range(world_size) if rank not in results]
                 _kill(context)
@@ -95,13 +105,16 @@ def run_workers(
                     codes = {rank: context.processes[rank].exitcode for rank in dead}
                     raise WorkerError(f"ranks {dead} exited without a result (exit codes {codes}).")
             time.sleep(0.02)
-        for p in context.processes:
-            p.join(timeout=10)
+        for rank, p in enumerate(context.processes):
+            if rank in results:
+                p.join(timeout=10)
         _kill(context)
     errors = [(rank, value) for rank, (status, value) in sorted(results.items()) if status == "error"]
     if errors:
         rank, message = errors[0]
-        raise WorkerError(f"rank {rank} failed: {message}")
+        unfinished = [r for r in range(world_size) if r not in results]
+        killed = f" (ranks {unfinished} were still running and were killed)" if unfinished else ""
+        raise WorkerError(f"rank {rank} failed{killed}: {message}")
     return [results[rank][1] for rank in range(world_size)]
 
 
