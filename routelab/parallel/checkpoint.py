@@ -11,10 +11,12 @@ Per-rank random states sit next to it (``rng-rank{r}.pt``) for exact resume.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -107,9 +109,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return json.loads(state["extra_json"])
 
 
+
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
+    """This process's torch, numpy and python random states."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

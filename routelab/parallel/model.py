@@ -52,7 +52,7 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     if groups.world_size == 1:
         return model
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    return DistributedDataParallel(model, process_group=groups.dense_group, broadcast_buffers=False,
+    return DistributedDataParallel(model, process_group=groups.dense_group, forward_sync_buffers=False,
                                    device_ids=None if groups.device.type == "cpu" else [groups.device])
 
 
