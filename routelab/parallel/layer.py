@@ -60,12 +60,12 @@ class ExpertParallelMoE(MoE):
         moe: the layer to distribute (router preset, experts, shared experts).
         group: the expert-parallel process group.
         llep: an ``LLEPConfig`` to balance hot experts over ranks, or None for standard EP.
-        router_inputs: ``logits`` (default) or ``tokens``: what the ranks gather to route the
-            global batch (see ``routelab.parallel.routing``).
+        router_inputs: ``auto`` (default), ``logits`` or ``tokens``: what the ranks gather
+            to route the global batch (see ``routelab.parallel.routing``).
     """
 
     def __init__(
-        self, moe: MoE, group: dist.ProcessGroup, *, llep: LLEPConfig | None = None, router_inputs: str = "logits"
+        self, moe: MoE, group: dist.ProcessGroup, *, llep: LLEPConfig | None = None, router_inputs: str = "auto"
     ) -> None:
         nn.Module.__init__(self)
         if type(moe) is not MoE:
@@ -110,7 +110,8 @@ class ExpertParallelMoE(MoE):
         x_TD, batch = self.real_tokens(
             x, padding_mask, token_ids, timestep=timestep, attention=attention, context=context
         )
-        local, global_routing, counts = route_global(self.router, x_TD, batch, self.group, self.router_inputs)
+        local, global_routing, counts, inputs = route_global(self.router, x_TD, batch, self.group, self.router_inputs)
+        self.router_inputs = inputs  # 'auto' resolves once, the same way on every rank
         plan = plan_dispatch(global_routing.topk_idx, counts, self.ep_rank, self.num_experts, self.llep)
         self.last_plan = plan
         y_TD = dispatch_combine_parallel(x_TD, local.topk_weight, plan, self.experts, self.group)

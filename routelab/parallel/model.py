@@ -23,7 +23,7 @@ from routelab.systems.ep import LLEPConfig
 
 
 def parallelize_moe_layers(
-    model: nn.Module, groups: ParallelGroups, *, llep: LLEPConfig | None = None, router_inputs: str = "logits"
+    model: nn.Module, groups: ParallelGroups, *, llep: LLEPConfig | None = None, router_inputs: str = "auto"
 ) -> list[str]:
     """Replace every ``routelab.MoE`` submodule of ``model`` by an ``ExpertParallelMoE`` (in place).
 

@@ -12,8 +12,10 @@ ranks. Exchanging ``E`` numbers per token is cheap next to the ``k * D`` numbers
 token the dispatch moves.
 
 ``router_inputs="tokens"`` gathers the hidden states instead and routes the whole global
-batch on every rank: needed for routers whose later parts read the activations or whose
-scorer leaves per-token side results (noisy top-k's noise scale, prototype losses).
+batch on every rank: needed for routers whose later parts read the activations
+(similarity-aware token graphs) or whose scorer leaves per-token side results for them
+(noisy top-k's noise scale, ProMoE's prototypes, the recurrent router's state); the
+default ``auto`` chooses it for exactly those routers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from routelab.core.routing import Routing
 from routelab.parallel.collectives import gather_counts, gather_rows
 from routelab.routers import Router, RoutingDraft
 
-ROUTER_INPUTS = ("logits", "tokens")
+ROUTER_INPUTS = ("auto", "logits", "tokens")
+# router parts that read the hidden states after the scorer (tests/parallel/test_routing.py
+# checks every registered preset against this list)
+ACTIVATION_READERS = ("TokenGraphSoftmax",)
 
 
 class _GatheredLogits(nn.Module):
@@ -88,14 +93,41 @@ def global_batch(batch: TokenBatch, group: dist.ProcessGroup, token_counts: list
     return TokenBatch(total, seq_len, flat, seq_id, flat - seq_id * seq_len, lengths, ids, global_context, has_padding)
 
 
+def reads_activations_after_scoring(router: Router) -> bool:
+    """True for routers with a part after the scorer that reads the hidden states themselves."""
+    return any(type(module).__name__ in ACTIVATION_READERS for module in router.modules())
+
+
+def score_locally(router: Router, x_TD: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, list[str]]:
+    """``logits_TE`` of this rank's tokens, and the names of any per-token results the scorer left for later parts."""
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        draft = RoutingDraft(x_TD=x_TD.float(), batch=batch, num_experts=router.num_experts, top_k=router.top_k,
+                             training=router.training)
+        logits_TE = router.scorer(draft.x_TD, draft).float()
+    return logits_TE, sorted(draft.extras) + sorted(draft.extra_stats)
+
+
+def route_from_logits(router: Router, logits_GE: torch.Tensor, batch: TokenBatch, d_model: int) -> Routing:
+    """Run ``router`` after its scorer (score function, bias, selector, gates, losses, capacity,
+    statistics) on given logits; the hidden states are not available to its parts."""
+    placeholder_GD = logits_GE.new_zeros(()).expand(logits_GE.shape[0], d_model)
+    scorer = router._modules["scorer"]
+    router._modules["scorer"] = _GatheredLogits(logits_GE)
+    try:
+        return router(placeholder_GD, batch)
+    finally:
+        router._modules["scorer"] = scorer
+
+
 def route_global(
-    router: Router, x_TD: torch.Tensor, batch: TokenBatch, group: dist.ProcessGroup, router_inputs: str = "logits"
-) -> tuple[Routing, Routing, list[int]]:
+    router: Router, x_TD: torch.Tensor, batch: TokenBatch, group: dist.ProcessGroup, router_inputs: str = "auto"
+) -> tuple[Routing, Routing, list[int], str]:
     """Route this rank's real tokens ``x_TD`` as part of the global batch.
 
-    Returns ``(local, global, counts)``: this rank's rows of the routing (with the
+    Returns ``(local, global, counts, inputs)``: this rank's rows of the routing (with the
     global-batch losses, statistics and capacity), the routing of the whole global batch,
-    and the number of real tokens of each rank.
+    the number of real tokens of each rank, and what was gathered (``logits`` or
+    ``tokens``; ``auto`` picks ``tokens`` for routers that need it, the same on every rank).
     """
     if router_inputs not in ROUTER_INPUTS:
         raise ConfigError(f"router_inputs={router_inputs!r} must be one of {ROUTER_INPUTS}.")
@@ -103,27 +135,26 @@ def route_global(
     rank = dist.get_rank(group)
     offset = sum(counts[:rank])
     batch_G = global_batch(batch, group, counts)
+    if router_inputs == "auto" and reads_activations_after_scoring(router):
+        router_inputs = "tokens"
+    if router_inputs != "tokens":
+        rng = torch.get_rng_state()
+        logits_TE, leftovers = score_locally(router, x_TD, batch)
+        if leftovers and router_inputs == "logits":
+            raise ConfigError(
+                f"router {router.name!r}: its scorer leaves per-token results ({leftovers}) for later parts, so it "
+                "cannot route from gathered logits; use router_inputs='tokens' (or 'auto')."
+            )
+        if leftovers:
+            torch.set_rng_state(rng)  # the scorer runs again on the global batch
+            router_inputs = "tokens"
+        else:
+            router_inputs = "logits"
     if router_inputs == "tokens":
         routing = router(gather_rows(x_TD, counts, group), batch_G)
     else:
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            draft = RoutingDraft(x_TD=x_TD.float(), batch=batch, num_experts=router.num_experts, top_k=router.top_k,
-                                 training=router.training)
-            logits_TE = router.scorer(draft.x_TD, draft).float()
-        if draft.extras or draft.extra_stats:
-            raise ConfigError(
-                f"router {router.name!r}: its scorer leaves per-token results ({sorted(draft.extras) + sorted(draft.extra_stats)}) "
-                "for later parts, so it cannot route from gathered logits; use router_inputs='tokens'."
-            )
-        logits_GE = gather_rows(logits_TE, counts, group)
-        placeholder_GD = x_TD.new_zeros((), dtype=torch.float32).expand(logits_GE.shape[0], x_TD.shape[1])
-        scorer = router._modules["scorer"]
-        router._modules["scorer"] = _GatheredLogits(logits_GE)
-        try:
-            routing = router(placeholder_GD, batch_G)
-        finally:
-            router._modules["scorer"] = scorer
+        routing = route_from_logits(router, gather_rows(logits_TE, counts, group), batch_G, x_TD.shape[1])
     rows = slice(offset, offset + counts[rank])
     local = replace(routing, topk_idx=routing.topk_idx[rows], topk_weight=routing.topk_weight[rows],
                     logits=routing.logits[rows], scores=routing.scores[rows])
-    return local, routing, counts
+    return local, routing, counts, router_inputs

@@ -18,6 +18,7 @@ CASES = [
     {"name": "expert-choice", "router": "expert-choice", "seq": 2, "seq_len": 8},
     {"name": "sinkhorn", "router": "sinkhorn", "seq": 2, "seq_len": 8},
     {"name": "capacity-drop", "router": "mixtral", "seq": 2, "seq_len": 8, "options": {"capacity_factor": 0.5}},
+    {"name": "similarity-aware (gathers tokens)", "router": "similarity-aware", "seq": 2, "seq_len": 8},
     {"name": "llep-skewed", "router": "mixtral", "seq": 2, "seq_len": 8, "llep": True, "skew": 3.0},
 ]
 TOLERANCE = 1e-5
