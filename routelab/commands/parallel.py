@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import typer
 
+from routelab.commands.lab import friendly_errors
 from routelab.core.errors import ConfigError
 
 
+@friendly_errors
 def launch_command(
     ctx: typer.Context,
     nproc: int = typer.Option(..., "--nproc", help="Processes to start on this machine (one per GPU, or CPU processes)."),
