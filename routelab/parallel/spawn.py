@@ -34,13 +34,15 @@ def free_port() -> int:
 
 
 def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, folder: str, collective_timeout_s: float,
-            threads: int, args: tuple[Any, ...]) -> None:
+            threads: int, backend: str, args: tuple[Any, ...]) -> None:
     torch.set_num_threads(threads)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     out = Path(folder) / f"rank{rank}.pkl"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
         result = ("ok", fn(rank, world_size, *args))
     except BaseException as error:  # noqa: BLE001 - reported to the parent with the traceback
@@ -63,13 +65,18 @@ def run_workers(
     timeout_s: float = 120.0,
     collective_timeout_s: float = 60.0,
     threads: int = 1,
-    start_method: str = "fork",
+    start_method: str | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """``[fn(rank, world_size, *args) for each rank]``, each in its own process of one job."""
+    """``[fn(rank, world_size, *args) for each rank]``, each in its own process of one job.
+
+    ``backend`` ``gloo`` (CPU; processes are forked) or ``nccl`` (one GPU per rank; spawned).
+    """
+    start_method = start_method or ("spawn" if backend == "nccl" else "fork")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="routelab-workers-") as folder:
         context = mp.start_processes(
-            _worker, args=(fn, world_size, port, folder, collective_timeout_s, threads, args),
+            _worker, args=(fn, world_size, port, folder, collective_timeout_s, threads, backend, args),
             nprocs=world_size, join=False, start_method=start_method,
         )
         deadline = time.monotonic() + timeout_s
