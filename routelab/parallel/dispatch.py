@@ -181,9 +181,12 @@ def dispatch_combine_parallel(
     received_RC = all_to_all(payload_NC, plan.recv_splits, plan.send_splits, group)
     ordered_RC = received_RC.index_select(0, plan.recv_perm)
     w_in, w_out = exchange_weights(experts.w_in_EDH, experts.w_out_EHD, plan, group)
+    # a copy with dense strides even when no rows arrived (an empty view keeps the payload's
+    # row stride, which grouped GEMM rejects); it stays in the graph so that this rank takes
+    # part in the backward all-to-all and its experts get (zero) gradients as in one process
+    x_RD = ordered_RC[:, :d_model].clone(memory_format=torch.contiguous_format)
     y_RD = experts.forward_sorted(
-        ordered_RC[:, :d_model].contiguous(), plan.slot_counts, ordered_RC[:, d_model].contiguous(),
-        w_in_EDH=w_in, w_out_EHD=w_out,
+        x_RD, plan.slot_counts, ordered_RC[:, d_model].contiguous(), w_in_EDH=w_in, w_out_EHD=w_out
     )
     back_RD = torch.empty_like(y_RD).index_copy(0, plan.recv_perm, y_RD) if y_RD.shape[0] else y_RD
     y_ND = all_to_all(back_RD, plan.send_splits, plan.recv_splits, group)

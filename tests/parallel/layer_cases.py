@@ -76,6 +76,8 @@ def compare_layer(rank: int, world: int, cases: list[dict]) -> list[dict]:
             ref_params = dict(reference.named_parameters())
             per_rank = E // world
             for name, param in layer.named_parameters():
+                if param.grad is None and ref_params[name].grad is not None:
+                    worst["param_grad"] = float("inf")  # one process has a (possibly zero) gradient here
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
                 ref_grad = ref_params[name].grad
                 ref_grad = torch.zeros_like(ref_params[name]) if ref_grad is None else ref_grad
@@ -96,6 +98,7 @@ def compare_layer(rank: int, world: int, cases: list[dict]) -> list[dict]:
                 if buf.is_floating_point():
                     worst["bias"] = max(worst["bias"], error(buf, ref_buf))
         worst["llep_used"] = llep_used
+        worst["rank_rows"] = list(layer.last_plan.device_loads)
         worst["dropped"] = float(out_ref.routing.stats.get("drop_rate", torch.zeros(()))) > 0
         worst["buffers_nonzero"] = any(float(b.abs().sum()) > 0 for b in reference.buffers() if b.is_floating_point())
         results.append(worst)

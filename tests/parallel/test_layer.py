@@ -19,6 +19,7 @@ CASES = [
     {"name": "sinkhorn", "router": "sinkhorn", "seq": 2, "seq_len": 8},
     {"name": "capacity-drop", "router": "mixtral", "seq": 2, "seq_len": 8, "options": {"capacity_factor": 0.5}},
     {"name": "similarity-aware (gathers tokens)", "router": "similarity-aware", "seq": 2, "seq_len": 8},
+    {"name": "skewed, a rank receives no tokens", "router": "mixtral", "seq": 2, "seq_len": 8, "skew": 3.0},
     {"name": "llep-skewed", "router": "mixtral", "seq": 2, "seq_len": 8, "llep": True, "skew": 3.0},
 ]
 TOLERANCE = 1e-5
@@ -35,3 +36,4 @@ def test_expert_parallel_layer_equals_single_process(world: int) -> None:
     assert by_name["deepseek-v3 (loss-free bias, 4 steps)"]["buffers_nonzero"]  # the bias did move
     assert by_name["capacity-drop"]["dropped"]  # capacity did drop assignments
     assert by_name["llep-skewed"]["llep_used"]  # LLEP did move hot-expert tokens to other ranks
+    assert 0 in by_name["skewed, a rank receives no tokens"]["rank_rows"]
