@@ -181,7 +181,7 @@ def single_process(args: argparse.Namespace, zipf: float, threads: int) -> dict:
             "experts_s": median(experts), "rows": int(rows.shape[0])}
 
 
-def calibrated_model(args: argparse.Namespace, result: dict, per_rank_experts: int) -> EPCostModel:
+def calibrated_model(args: argparse.Namespace, result: dict) -> EPCostModel:
     """EPCostModel with this machine's constants: GEMM FLOP/s and per-GEMM overhead of one
     process, and the effective all-to-all bandwidth of gloo as measured (fp32 activations)."""
     rows = max(result["rows"])
@@ -221,9 +221,9 @@ def main() -> None:
     table = Table(title="one MoE layer, fwd+bwd, same global batch (times in ms; split = one forward)")
     for column in ("setting", "tokens/s", "x 1 proc", "step", "forward", "routing", "all-to-all (2x)", "expert GEMMs"):
         table.add_column(column, justify="right")
-    base = single_process(args, 0.0, threads=min(cores, 2))
+    base = single_process(args, 0.0, threads=1)
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    table.add_row(f"1 process, {min(cores, 2)} threads", f"{args.tokens / base['step_s']:,.0f}", "1.00", ms(base["step_s"]),
+    table.add_row("1 process, 1 thread", f"{args.tokens / base['step_s']:,.0f}", "1.00", ms(base["step_s"]),
                   ms(base["forward_s"]), ms(base["routing_s"]), "-", ms(base["experts_s"]))
     results = {}
     for world in (2, 4):
@@ -235,30 +235,31 @@ def main() -> None:
     console.print(table)
 
     # 2. LLEP vs standard EP under Zipf skew: measured vs predicted
-    world = 4
     llep = LLEPConfig(lam=1.3, alpha=1.0, min_chunk=args.min_chunk)
-    standard = run_workers(ep_worker, world, args, args.zipf, None, timeout_s=900, collective_timeout_s=300)
-    balanced = run_workers(ep_worker, world, args, args.zipf, llep, timeout_s=900, collective_timeout_s=300)
-    std, lle = standard[0], balanced[0]
-    model = calibrated_model(args, results[world], args.experts // world)
-    idx = std["topk_idx"]
-    loads = np.bincount(idx[idx >= 0], minlength=args.experts)
-    placement = contiguous_placement(args.experts, world)
-    predicted_std = step_cost(idx, standard_plan(loads, placement, world), world, model)
-    predicted_llep = step_cost(idx, llep_plan(loads, world, llep), world, model)
-    table = Table(title=f"EP=4, Zipf s={args.zipf} routing: LLEP (lam 1.3, alpha 1, m {args.min_chunk}) vs standard EP")
-    for column in ("", "max/mean rank load", "forward ms", "fwd+bwd ms", "predicted forward ms"):
-        table.add_column(column, justify="right")
-    table.add_row("standard EP", f"{std['load_max_mean']:.2f}", ms(std["forward_s"]), ms(std["step_s"]), ms(predicted_std.time_s))
-    table.add_row("LLEP", f"{lle['load_max_mean']:.2f}", ms(lle["forward_s"]), ms(lle["step_s"]), ms(predicted_llep.time_s))
-    table.add_row("standard / LLEP", "", f"{std['forward_s'] / lle['forward_s']:.2f}", f"{std['step_s'] / lle['step_s']:.2f}",
-                  f"{predicted_std.time_s / predicted_llep.time_s:.2f}")
-    console.print(table)
-    console.print(f"expert loads of the step (tokens*k): {loads.tolist()}; rank loads standard {std['device_loads']}, "
-                  f"LLEP {lle['device_loads']} (applied: {lle['llep_applied']})")
-    console.print(f"calibration: GEMM {model.flops / 1e9:.1f} GFLOP/s per process, all-to-all "
-                  f"{model.link_bandwidth / 1e6:.0f} MB/s per rank (gloo, {results[world]['a2a_bytes'] / 1e6:.2f} MB per "
-                  f"rank and direction in {1e3 * results[world]['a2a_s'] / 2:.1f} ms)")
+    model = calibrated_model(args, results[2])
+    for world in (2, 4):
+        std = run_workers(ep_worker, world, args, args.zipf, None, timeout_s=900, collective_timeout_s=300)[0]
+        lle = run_workers(ep_worker, world, args, args.zipf, llep, timeout_s=900, collective_timeout_s=300)[0]
+        idx = std["topk_idx"]
+        loads = np.bincount(idx[idx >= 0], minlength=args.experts)
+        predicted_std = step_cost(idx, standard_plan(loads, contiguous_placement(args.experts, world), world), world, model)
+        predicted_llep = step_cost(idx, llep_plan(loads, world, llep), world, model)
+        table = Table(title=f"EP={world}, Zipf s={args.zipf} routing: LLEP (lam 1.3, alpha 1, m {args.min_chunk}) vs "
+                            "standard EP (ms; split = one forward)")
+        for column in ("", "max/mean rank load", "fwd+bwd", "forward", "routing", "all-to-all (2x)", "weights",
+                       "expert GEMMs", "predicted forward"):
+            table.add_column(column, justify="right")
+        for name, r, p in (("standard EP", std, predicted_std), ("LLEP", lle, predicted_llep)):
+            table.add_row(name, f"{r['load_max_mean']:.2f}", ms(r["step_s"]), ms(r["forward_s"]), ms(r["routing_s"]),
+                          ms(r["a2a_s"]), ms(r["weights_s"]) if r["llep_applied"] else "-", ms(r["experts_s"]), ms(p.time_s))
+        table.add_row("standard / LLEP", "", f"{std['step_s'] / lle['step_s']:.2f}", f"{std['forward_s'] / lle['forward_s']:.2f}",
+                      "", "", "", f"{std['experts_s'] / lle['experts_s']:.2f}", f"{predicted_std.time_s / predicted_llep.time_s:.2f}")
+        console.print(table)
+        console.print(f"expert loads (tokens*k): {loads.tolist()}; rank loads standard {std['device_loads']}, "
+                      f"LLEP {lle['device_loads']} (applied: {lle['llep_applied']})")
+    console.print(f"calibration (EP=2 run): GEMM {model.flops / 1e9:.1f} GFLOP/s per process, all-to-all "
+                  f"{model.link_bandwidth / 1e6:.0f} MB/s per rank (gloo, {results[2]['a2a_bytes'] / 1e6:.2f} MB per "
+                  f"rank and direction in {1e3 * results[2]['a2a_s'] / 2:.1f} ms)")
 
     # 3. prediction: 8 and 64 ranks with the calibrated constants (one rank per core, same link)
     table = Table(title="PREDICTION (calibrated cost model, not measured): E=64, k=2, 4096 tokens per rank")
