@@ -44,9 +44,9 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, folde
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
-        result = ("ok", fn(rank, world_size, *args))
+        result = ("ok", fn(rank, world_size, *args), time.time())
     except BaseException as error:  # noqa: BLE001 - reported to the parent with the traceback
-        result = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        result = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}", time.time())
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps(result))
     tmp.replace(out)
@@ -88,7 +88,7 @@ def run_workers(
                     results[rank] = pickle.loads(path.read_bytes())
             if len(results) == world_size:
                 break
-            if any(status == "error" for status, _ in results.values()):
+            if any(status == "error" for status, _, _ in results.values()):
                 # as torchrun does: one failed rank ends the job (peers blocked on it are killed)
                 grace = time.monotonic() + 3.0
                 while time.monotonic() < grace and len(results) < world_size:
@@ -116,12 +116,14 @@ def run_workers(
             if rank in results:
                 p.join(timeout=10)
         _kill(context)
-    errors = [(rank, value) for rank, (status, value) in sorted(results.items()) if status == "error"]
+    errors = [(rank, value) for rank, (status, value, _) in sorted(results.items()) if status == "error"]
     if errors:
-        rank, message = errors[0]
+        # the first error by time is usually the cause (its peers then lose their connection)
+        rank, message = min(errors, key=lambda item: results[item[0]][2])
         unfinished = [r for r in range(world_size) if r not in results]
         killed = f" (ranks {unfinished} were still running and were killed)" if unfinished else ""
-        raise WorkerError(f"rank {rank} failed{killed}: {message}")
+        others = "".join(f"\n  rank {r}: {m.splitlines()[0][:200]}" for r, m in errors if r != rank)
+        raise WorkerError(f"rank {rank} failed{killed}: {message}" + (f"\nother ranks:{others}" if others else ""))
     return [results[rank][1] for rank in range(world_size)]
 
 

@@ -38,6 +38,16 @@ def test_twenty_steps_with_ep2_equal_one_process(trained: dict) -> None:
     assert bias and any(float(ref[k].abs().sum()) > 0 for k in bias)
 
 
+def test_ep2_times_dp2_on_four_processes_equals_one_process(trained: dict) -> None:
+    """W=4, EP=2: two copies of every expert, averaged over the expert-data-parallel group."""
+    results = run_workers(tc.train_only, 4, 2, "deepseek-v3", 10, timeout_s=300)
+    assert results[0]["dp_size"] == 2
+    assert max(abs(a - b) for a, b in zip(results[0]["losses"], trained["ref_losses"][:10])) < 1e-5
+    ref_losses, ref_state, _, _ = tc.reference_training("deepseek-v3", 10)
+    for name in ref_state:
+        torch.testing.assert_close(results[0]["state"][name], ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_resume_under_ep_is_exact(trained: dict) -> None:
     assert [r["resume_error"] for r in trained["results"]] == [0.0, 0.0]
 

@@ -71,6 +71,13 @@ def train_and_resume(rank: int, world: int, ep: int, router: str, steps: int, fo
     return {"losses": losses, "state": straight if rank == 0 else None, "resume_error": resume_error}
 
 
+def train_only(rank: int, world: int, ep: int, router: str, steps: int) -> dict:
+    groups, model, optimizer, step = build(ep, router)
+    losses = [step([batch(s)])["loss"] for s in range(steps)]
+    state = full_state(model, groups)  # collective: every rank takes part
+    return {"losses": losses, "state": state if rank == 0 else None, "dp_size": groups.dp_size}
+
+
 def load_into_ep(rank: int, world: int, ep: int, router: str, path: str) -> dict:
     """Load a checkpoint (written by anything) under EP=``ep`` and return the gathered state."""
     groups, model, optimizer, _ = build(ep, router)
