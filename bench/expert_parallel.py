@@ -62,133 +62,145 @@ def batch_of(args: argparse.Namespace) -> torch.Tensor:
     return torch.randn(args.tokens // 128, 128, args.d_model, generator=gen)
 
 
-def timed(fn, group, rounds: int) -> float:  # noqa: ANN001
-    """Median over rounds of the slowest rank's time of ``fn()``."""
-    times = []
-    for index in range(rounds + 2):
-        dist.barrier(group=group)
-        start = time.perf_counter()
+def slowest(elapsed: float, group) -> float:  # noqa: ANN001
+    value = torch.tensor([elapsed], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value)
+
+
+def time_once(fn, group, *, alone: bool = False) -> float:  # noqa: ANN001
+    """The slowest rank's time of ``fn()`` (``alone``: rank 0 runs it while the others wait)."""
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    if not alone or dist.get_rank() == 0:
         fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-        if index >= 2:
-            times.append(float(elapsed))
-    return statistics.median(times)
+    return slowest(time.perf_counter() - start, group)
 
 
-def ep_worker(rank: int, world: int, args: argparse.Namespace, zipf: float, llep: LLEPConfig | None) -> dict:
+class Variant:
+    """One layer setting inside a worker, with the callables the rounds time."""
+
+    def __init__(self, args: argparse.Namespace, group, world: int, rank: int, zipf: float,  # noqa: ANN001
+                 llep: LLEPConfig | None) -> None:
+        self.layer = ExpertParallelMoE(build_layer(args, zipf), group, llep=llep)
+        x = batch_of(args)
+        share = x.shape[0] // world
+        self.x = x[rank * share : (rank + 1) * share].clone().requires_grad_(True)
+        self.group, self.args = group, args
+        with torch.no_grad():
+            self.layer(self.x)
+        self.prepare_parts()
+
+    def step(self) -> None:
+        self.layer(self.x).y.square().mean().backward()
+
+    def forward(self) -> None:
+        with torch.no_grad():
+            self.layer(self.x)
+
+    def prepare_parts(self) -> None:
+        """Inputs of the parts of one forward, each timed alone: routing, the two token
+        all-to-alls, LLEP's weight exchange, the expert GEMMs."""
+        args, layer, group = self.args, self.layer, self.group
+        self.x_TD, self.batch = layer.real_tokens(self.x.detach(), None, None)
+        with torch.no_grad():
+            _, self.global_routing, _, _ = route_global(layer.router, self.x_TD, self.batch, group)
+        plan = self.plan = layer.last_plan
+        self.payload = torch.randn(sum(plan.send_splits), args.d_model + 1)
+        self.back = torch.randn(sum(plan.recv_splits), args.d_model)
+        with torch.no_grad():
+            self.w_in, self.w_out = exchange_weights(layer.experts.w_in_EDH, layer.experts.w_out_EHD, plan, group)
+        self.rows = torch.randn(int(plan.slot_counts.sum()), args.d_model)
+        self.gates = torch.rand(self.rows.shape[0])
+
+    def routing(self) -> None:
+        with torch.no_grad():
+            route_global(self.layer.router, self.x_TD, self.batch, self.group)
+
+    def all_to_all(self) -> None:
+        plan, d = self.plan, self.args.d_model
+        received = torch.empty(sum(plan.recv_splits), d + 1)
+        dist.all_to_all_single(received, self.payload, plan.recv_splits, plan.send_splits, group=self.group)
+        returned = torch.empty(sum(plan.send_splits), d)
+        dist.all_to_all_single(returned, self.back, plan.send_splits, plan.recv_splits, group=self.group)
+
+    def weights(self) -> None:
+        with torch.no_grad():
+            exchange_weights(self.layer.experts.w_in_EDH, self.layer.experts.w_out_EHD, self.plan, self.group)
+
+    def experts(self) -> None:
+        with torch.no_grad():
+            self.layer.experts.forward_sorted(self.rows, self.plan.slot_counts, self.gates, w_in_EDH=self.w_in,
+                                              w_out_EHD=self.w_out)
+
+    def summary(self) -> dict:
+        plan, d = self.plan, self.args.d_model
+        rows = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, torch.tensor([int(plan.slot_counts.sum())]), group=self.group)
+        return {
+            "a2a_bytes": 4 * max(sum(plan.send_splits), sum(plan.recv_splits)) * (d + 1),
+            "device_loads": plan.device_loads, "llep_applied": plan.llep_applied, "rows": [int(r) for r in rows],
+            "load_max_mean": float(np.max(plan.device_loads) / max(np.mean(plan.device_loads), 1e-9)),
+            "topk_idx": self.global_routing.topk_idx.numpy(),
+        }
+
+
+PARTS = ("step", "forward", "routing", "all_to_all", "weights", "experts")
+
+
+def ep_worker(rank: int, world: int, args: argparse.Namespace, zipf: float, with_llep: bool) -> dict:
+    """Times, round after round and in turn (so that load changes hit every setting alike):
+    standard EP, and either LLEP (``with_llep``) or the single-process layer on the whole
+    global batch in rank 0 while the other ranks wait. Returns per-round times of every part."""
     group = dist.new_group(list(range(world)))
-    layer = ExpertParallelMoE(build_layer(args, zipf), group, llep=llep)
-    x = batch_of(args)
-    share = x.shape[0] // world
-    x_local = x[rank * share : (rank + 1) * share].clone().requires_grad_(True)
+    torch.manual_seed(0)
+    variants = {"standard": Variant(args, group, world, rank, zipf, None)}
+    if with_llep:
+        variants["llep"] = Variant(args, group, world, rank, zipf,
+                                   LLEPConfig(lam=1.3, alpha=1.0, min_chunk=args.min_chunk))
+    single = None if with_llep else build_layer(args, zipf)
+    x_all = batch_of(args).requires_grad_(True)
+    times: dict[str, dict[str, list[float]]] = {name: {part: [] for part in PARTS} for name in variants}
+    times["single"] = {"step": [], "forward": []}
 
-    def train_step() -> None:
-        out = layer(x_local)
-        out.y.square().mean().backward()
+    def single_step() -> None:
+        single(x_all).y.square().mean().backward()
 
-    def forward() -> None:
+    def single_forward() -> None:
         with torch.no_grad():
-            layer(x_local)
+            single(x_all)
 
-    step_s = timed(train_step, group, args.rounds)
-    forward_s = timed(forward, group, args.rounds)
-    # the parts of one forward, each timed alone on the data of the last forward
-    x_TD, batch = layer.real_tokens(x_local.detach(), None, None)
-    with torch.no_grad():
-        local, global_routing, counts, _ = route_global(layer.router, x_TD, batch, group)
-    plan = layer.last_plan
-    payload = torch.randn(sum(plan.send_splits), args.d_model + 1)
-    back = torch.randn(sum(plan.recv_splits), args.d_model)
-
-    def routing() -> None:
-        with torch.no_grad():
-            route_global(layer.router, x_TD, batch, group)
-
-    def all_to_all() -> None:
-        received = torch.empty(sum(plan.recv_splits), args.d_model + 1)
-        dist.all_to_all_single(received, payload, plan.recv_splits, plan.send_splits, group=group)
-        returned = torch.empty(sum(plan.send_splits), args.d_model)
-        dist.all_to_all_single(returned, back, plan.send_splits, plan.recv_splits, group=group)
-
-    with torch.no_grad():
-        w_in, w_out = exchange_weights(layer.experts.w_in_EDH, layer.experts.w_out_EHD, plan, group)
-
-    def weights() -> None:
-        with torch.no_grad():
-            exchange_weights(layer.experts.w_in_EDH, layer.experts.w_out_EHD, plan, group)
-
-    rows = torch.randn(int(plan.slot_counts.sum()), args.d_model)
-    gates = torch.rand(rows.shape[0])
-
-    def experts() -> None:
-        with torch.no_grad():
-            layer.experts.forward_sorted(rows, plan.slot_counts, gates, w_in_EDH=w_in, w_out_EHD=w_out)
-
-    own_rows = int(plan.slot_counts.sum())
-    rows_all = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(rows_all, torch.tensor([own_rows]), group=group)
-    return {
-        "step_s": step_s, "forward_s": forward_s, "routing_s": timed(routing, group, args.rounds),
-        "a2a_s": timed(all_to_all, group, args.rounds), "weights_s": timed(weights, group, args.rounds),
-        "experts_s": timed(experts, group, args.rounds),
-        "a2a_bytes": 4 * max(max(sum(plan.send_splits), sum(plan.recv_splits)) * (args.d_model + 1), 1),
-        "device_loads": plan.device_loads, "llep_applied": plan.llep_applied, "rows": [int(r) for r in rows_all],
-        "topk_idx": global_routing.topk_idx.numpy() if rank == 0 else None,
-        "load_max_mean": float(np.max(plan.device_loads) / max(np.mean(plan.device_loads), 1e-9)),
-    }
+    for index in range(args.rounds + 1):
+        for name, variant in variants.items():
+            for part in PARTS:
+                elapsed = time_once(getattr(variant, part), group)
+                if index:  # the first round warms up
+                    times[name][part].append(elapsed)
+        if single is not None:
+            for part, fn in (("step", single_step), ("forward", single_forward)):
+                elapsed = time_once(fn, group, alone=True)
+                if index:
+                    times["single"][part].append(elapsed)
+    return {"times": times, **{name: v.summary() for name, v in variants.items()}}
 
 
-def single_process(args: argparse.Namespace, zipf: float, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    layer = build_layer(args, zipf)
-    x = batch_of(args).requires_grad_(True)
-
-    def median(fn) -> float:  # noqa: ANN001
-        times = []
-        for index in range(args.rounds + 2):
-            start = time.perf_counter()
-            fn()
-            if index >= 2:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    def step() -> None:
-        layer(x).y.square().mean().backward()
-
-    def forward() -> None:
-        with torch.no_grad():
-            layer(x)
-
-    x_TD, batch = layer.real_tokens(x.detach(), None, None)
-    with torch.no_grad():
-        routing = layer.router(x_TD, batch)
-    from routelab.moe import sort_by_expert
-
-    order, counts_E = sort_by_expert(routing.topk_idx, args.experts)
-    rows = x_TD.index_select(0, torch.div(order, routing.topk_idx.shape[1], rounding_mode="floor"))
-    gates = torch.rand(rows.shape[0])
-
-    def route() -> None:
-        with torch.no_grad():
-            layer.router(x_TD, batch)
-
-    def experts() -> None:
-        with torch.no_grad():
-            layer.experts.forward_sorted(rows, counts_E, gates)
-
-    return {"step_s": median(step), "forward_s": median(forward), "routing_s": median(route),
-            "experts_s": median(experts), "rows": int(rows.shape[0])}
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
-def calibrated_model(args: argparse.Namespace, result: dict) -> EPCostModel:
-    """EPCostModel with this machine's constants: GEMM FLOP/s and per-GEMM overhead of one
-    process, and the effective all-to-all bandwidth of gloo as measured (fp32 activations)."""
-    rows = max(result["rows"])
-    flops = 6.0 * args.d_model * args.d_hidden * rows / result["experts_s"]
+def ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a / b (per-round ratios cancel load that changes between rounds)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def calibrated_model(args: argparse.Namespace, summary: dict, times: dict) -> EPCostModel:
+    """EPCostModel with this machine's constants: the GEMM FLOP/s of one process (forward
+    expert GEMMs of the busiest rank) and gloo's effective all-to-all bandwidth, both as
+    measured; fp32 activations and weights."""
+    flops = 6.0 * args.d_model * args.d_hidden * max(summary["rows"]) / median(times["experts"])
+    bandwidth = summary["a2a_bytes"] / (median(times["all_to_all"]) / 2)
     return EPCostModel(d_model=args.d_model, d_hidden=args.d_hidden, flops=flops, gemm_overhead_s=2e-5,
-                       link_bandwidth=result["a2a_bytes"] / (result["a2a_s"] / 2), p2p_bandwidth=result["a2a_bytes"] / (result["a2a_s"] / 2),
-                       act_bytes=4, weight_bytes=4)
+                       link_bandwidth=bandwidth, p2p_bandwidth=bandwidth, act_bytes=4, weight_bytes=4)
 
 
 def zipf_routing(num_tokens: int, num_experts: int, k: int, s: float, seed: int = 0) -> np.ndarray:
@@ -207,7 +219,7 @@ def main() -> None:
     parser.add_argument("--d-hidden", type=int, default=512)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--zipf", type=float, default=1.2)
     parser.add_argument("--min-chunk", type=int, default=128, help="LLEP minimum GEMM rows m")
     args = parser.parse_args()
@@ -217,49 +229,57 @@ def main() -> None:
     console.print(f"{cores} cores; one layer D={args.d_model} H={args.d_hidden} E={args.experts} k={args.top_k}, "
                   f"{args.tokens} tokens per step (global), fp32, {args.rounds} rounds")
 
-    # 1. EP=2 and EP=4 vs one process, balanced routing
-    table = Table(title="one MoE layer, fwd+bwd, same global batch (times in ms; split = one forward)")
-    for column in ("setting", "tokens/s", "x 1 proc", "step", "forward", "routing", "all-to-all (2x)", "expert GEMMs"):
-        table.add_column(column, justify="right")
-    base = single_process(args, 0.0, threads=1)
+    # 1. EP=2 and EP=4 vs one process (same global batch, balanced routing), timed in turn
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    table.add_row("1 process, 1 thread", f"{args.tokens / base['step_s']:,.0f}", "1.00", ms(base["step_s"]),
-                  ms(base["forward_s"]), ms(base["routing_s"]), "-", ms(base["experts_s"]))
-    results = {}
+    table = Table(title="one MoE layer, same global batch; medians over rounds, ms (split = one forward, each part alone)")
+    for column in ("setting", "tokens/s fwd+bwd", "EP / 1 proc speed (per-round)", "fwd+bwd", "forward", "routing",
+                   "all-to-all (2x)", "expert GEMMs"):
+        table.add_column(column, justify="right")
+    runs = {}
     for world in (2, 4):
-        r = run_workers(ep_worker, world, args, 0.0, None, timeout_s=900, collective_timeout_s=300)[0]
-        results[world] = r
-        table.add_row(f"EP={world}, {world} procs x 1 thread", f"{args.tokens / r['step_s']:,.0f}",
-                      f"{base['step_s'] / r['step_s']:.2f}", ms(r["step_s"]), ms(r["forward_s"]), ms(r["routing_s"]),
-                      ms(r["a2a_s"]), ms(r["experts_s"]))
+        runs[world] = run_workers(ep_worker, world, args, 0.0, False, timeout_s=1800, collective_timeout_s=600)[0]
+        t = runs[world]["times"]
+        table.add_row(f"1 process (in the EP={world} job)", f"{args.tokens / median(t['single']['step']):,.0f}", "1.00",
+                      ms(median(t["single"]["step"])), ms(median(t["single"]["forward"])), "", "-", "")
+        s = t["standard"]
+        table.add_row(f"EP={world} ({world} processes)", f"{args.tokens / median(s['step']):,.0f}",
+                      f"{ratio(t['single']['step'], s['step']):.2f}", ms(median(s["step"])), ms(median(s["forward"])),
+                      ms(median(s["routing"])), ms(median(s["all_to_all"])), ms(median(s["experts"])))
     console.print(table)
+    model = calibrated_model(args, runs[2]["standard"], runs[2]["times"]["standard"])
 
-    # 2. LLEP vs standard EP under Zipf skew: measured vs predicted
+    # 2. LLEP vs standard EP under Zipf skew, timed in turn: measured vs predicted
     llep = LLEPConfig(lam=1.3, alpha=1.0, min_chunk=args.min_chunk)
-    model = calibrated_model(args, results[2])
     for world in (2, 4):
-        std = run_workers(ep_worker, world, args, args.zipf, None, timeout_s=900, collective_timeout_s=300)[0]
-        lle = run_workers(ep_worker, world, args, args.zipf, llep, timeout_s=900, collective_timeout_s=300)[0]
-        idx = std["topk_idx"]
+        run = run_workers(ep_worker, world, args, args.zipf, True, timeout_s=1800, collective_timeout_s=600)[0]
+        t = run["times"]
+        idx = run["standard"]["topk_idx"]
         loads = np.bincount(idx[idx >= 0], minlength=args.experts)
-        predicted_std = step_cost(idx, standard_plan(loads, contiguous_placement(args.experts, world), world), world, model)
-        predicted_llep = step_cost(idx, llep_plan(loads, world, llep), world, model)
+        predicted = {
+            "standard": step_cost(idx, standard_plan(loads, contiguous_placement(args.experts, world), world), world, model),
+            "llep": step_cost(idx, llep_plan(loads, world, llep), world, model),
+        }
         table = Table(title=f"EP={world}, Zipf s={args.zipf} routing: LLEP (lam 1.3, alpha 1, m {args.min_chunk}) vs "
-                            "standard EP (ms; split = one forward)")
+                            "standard EP; medians over rounds, ms")
         for column in ("", "max/mean rank load", "fwd+bwd", "forward", "routing", "all-to-all (2x)", "weights",
                        "expert GEMMs", "predicted forward"):
             table.add_column(column, justify="right")
-        for name, r, p in (("standard EP", std, predicted_std), ("LLEP", lle, predicted_llep)):
-            table.add_row(name, f"{r['load_max_mean']:.2f}", ms(r["step_s"]), ms(r["forward_s"]), ms(r["routing_s"]),
-                          ms(r["a2a_s"]), ms(r["weights_s"]) if r["llep_applied"] else "-", ms(r["experts_s"]), ms(p.time_s))
-        table.add_row("standard / LLEP", "", f"{std['step_s'] / lle['step_s']:.2f}", f"{std['forward_s'] / lle['forward_s']:.2f}",
-                      "", "", "", f"{std['experts_s'] / lle['experts_s']:.2f}", f"{predicted_std.time_s / predicted_llep.time_s:.2f}")
+        for name in ("standard", "llep"):
+            r, tt = run[name], t[name]
+            table.add_row("standard EP" if name == "standard" else "LLEP", f"{r['load_max_mean']:.2f}",
+                          ms(median(tt["step"])), ms(median(tt["forward"])), ms(median(tt["routing"])),
+                          ms(median(tt["all_to_all"])), ms(median(tt["weights"])) if r["llep_applied"] else "-",
+                          ms(median(tt["experts"])), ms(predicted[name].time_s))
+        table.add_row("standard / LLEP (per-round)", "", f"{ratio(t['standard']['step'], t['llep']['step']):.2f}",
+                      f"{ratio(t['standard']['forward'], t['llep']['forward']):.2f}", "", "", "",
+                      f"{ratio(t['standard']['experts'], t['llep']['experts']):.2f}",
+                      f"{predicted['standard'].time_s / predicted['llep'].time_s:.2f}")
         console.print(table)
-        console.print(f"expert loads (tokens*k): {loads.tolist()}; rank loads standard {std['device_loads']}, "
-                      f"LLEP {lle['device_loads']} (applied: {lle['llep_applied']})")
-    console.print(f"calibration (EP=2 run): GEMM {model.flops / 1e9:.1f} GFLOP/s per process, all-to-all "
-                  f"{model.link_bandwidth / 1e6:.0f} MB/s per rank (gloo, {results[2]['a2a_bytes'] / 1e6:.2f} MB per "
-                  f"rank and direction in {1e3 * results[2]['a2a_s'] / 2:.1f} ms)")
+        console.print(f"expert loads (tokens*k): {loads.tolist()}; rank loads standard {run['standard']['device_loads']}, "
+                      f"LLEP {run['llep']['device_loads']}")
+    console.print(f"calibration (EP=2, balanced): GEMM {model.flops / 1e9:.1f} GFLOP/s per process, all-to-all "
+                  f"{model.link_bandwidth / 1e6:.0f} MB/s per rank (gloo; "
+                  f"{runs[2]['standard']['a2a_bytes'] / 1e6:.2f} MB per rank and direction)")
 
     # 3. prediction: 8 and 64 ranks with the calibrated constants (one rank per core, same link)
     table = Table(title="PREDICTION (calibrated cost model, not measured): E=64, k=2, 4096 tokens per rank")
