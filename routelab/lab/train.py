@@ -50,8 +50,8 @@ from routelab.lab.data import PreparedCorpus
 from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.models.tinylm import TinyLM, TinyLMConfig
-from routelab.routers.base import end_of_step
-from routelab.routers.hashing import HashSelector
+from routelab.routers.parts.router import end_of_step
+from routelab.routers.families.fixed import HashSelector
 
 STEP_STATS = ("max_vio", "cv", "dead_experts", "drop_rate", "active_experts_per_token")
 
