@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from routelab.cli import app
@@ -31,6 +32,7 @@ def losses(folder) -> list[float]:  # noqa: ANN001
     return [r["loss"] for r in rows if r["kind"] == "train"] + [r["val_loss"] for r in rows if r["kind"] == "eval"]
 
 
+@pytest.mark.slow
 def test_launch_train_expert_parallel_follows_single_process(tmp_path) -> None:
     corpus = ["--corpus", str(write_corpus(tmp_path / "text")), "--cache-dir", str(tmp_path / "cache")]
     single = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "single"), *FLAGS, *corpus])
