@@ -224,6 +224,10 @@ def train_command(
     corpus_settings = validated(CorpusSettings, corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
                                 "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
+    if expert_parallel is not None or llep is not None:
+        from routelab.parallel.groups import check_distributed_launch
+
+        check_distributed_launch(expert_parallel, llep)
     apply_threads(threads)
     check_routers(ExperimentConfig(routers=[entry], model=model))
     with err_console.status("preparing the corpus and tokenizer ..."):

@@ -61,6 +61,21 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def check_distributed_launch(expert_parallel: int | None, llep_ratio: float | None = None) -> None:
+    """Refuse ``--expert-parallel`` / ``--llep`` early (before any data is prepared) when they cannot run."""
+    if expert_parallel is None:
+        raise ConfigError("--llep needs --expert-parallel N (LLEP balances experts that are spread over ranks).")
+    if expert_parallel < 1:
+        raise ConfigError(f"--expert-parallel must be >= 1, got {expert_parallel}.")
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing and not dist.is_initialized():
+        raise ConfigError(
+            f"--expert-parallel {expert_parallel} needs a distributed launch ({', '.join(missing)} not set); start it "
+            f"with `torchrun --nproc-per-node {expert_parallel} -m routelab train ...` or "
+            f"`routelab launch --nproc {expert_parallel} train ...`."
+        )
+
+
 def init_process_group_from_env(device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the job that ``torchrun`` (or ``routelab launch``) started, unless already joined.
 

@@ -73,3 +73,14 @@ def test_launch_reports_the_failed_ranks(monkeypatch) -> None:
 def test_launch_needs_a_command() -> None:
     result = CliRunner().invoke(app, ["launch", "--nproc", "2"])
     assert result.exit_code == 2 and "give the routelab command to run" in " ".join(result.output.split())
+
+
+def test_expert_parallel_outside_a_distributed_launch_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["train", "--expert-parallel", "2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "needs a distributed launch" in result.output and "routelab launch --nproc 2" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+    llep_alone = CliRunner().invoke(app, ["train", "--llep", "1.3", "--out", str(tmp_path / "run")])
+    assert llep_alone.exit_code == 2 and "--llep needs --expert-parallel" in llep_alone.output
