@@ -32,6 +32,8 @@ from routelab.core.errors import ConfigError
 from routelab.parallel.groups import ParallelGroups
 from routelab.parallel.model import expert_parameter_names
 
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer state keyed "state.<param fqn>.<field>"
+
 
 def _shard(tensor: torch.Tensor, groups: ParallelGroups) -> DTensor:
     return DTensor.from_local(tensor, groups.mesh, [Replicate(), Shard(0)], run_check=False)
@@ -41,7 +43,9 @@ def _local(value: Any) -> Any:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, groups: ParallelGroups | None) -> dict[str, Any]:
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, groups: ParallelGroups | None
+) -> dict[str, Any]:
     """The DCP state of ``model`` (and ``optimizer``): experts as sharded DTensors under EP."""
     experts = set(expert_parameter_names(model)) if groups is not None else set()
     model_state = dict(model.state_dict())
@@ -49,11 +53,12 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         model_state[name] = _shard(model_state[name], groups)
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
-        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        optim_state = get_optimizer_state_dict(model, optimizer, options=FLAT)
         for key in list(optim_state):
             value = optim_state[key]
             parts = key.split(".")  # "state.<fqn>.<field>"
-            if key.startswith("state.") and ".".join(parts[1:-1]) in experts and torch.is_tensor(value) and value.dim() > 0:
+            is_expert = key.startswith("state.") and ".".join(parts[1:-1]) in experts
+            if is_expert and torch.is_tensor(value) and value.dim() > 0:
                 optim_state[key] = _shard(value, groups)
         state["optim"] = optim_state
     return state
@@ -90,7 +95,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Load a checkpoint written by ``save_checkpoint`` under any EP size (or one process); returns its ``extra``."""
     path = Path(path)
     if not (path / ".metadata").is_file():
-        raise ConfigError(f"{str(path)!r} is not a routelab DCP checkpoint folder (no .metadata); give the folder save_checkpoint wrote.")
+        raise ConfigError(
+            f"{str(path)!r} is not a routelab DCP checkpoint folder (no .metadata); give the folder save_checkpoint wrote."
+        )
     state = checkpoint_state(model, optimizer, groups)
     state["extra_json"] = ""
     dcp.load(state, checkpoint_id=str(path), no_dist=groups is None,
@@ -98,7 +105,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     model.load_state_dict({k: _local(v) for k, v in state["model"].items()})
     if optimizer is not None:
         optim_state = {k: _local(v) for k, v in state["optim"].items()}
-        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, optim_state, options=FLAT)
     if restore_rng:
         rank = 0 if groups is None else groups.rank
         rng_file = path / f"rng-rank{rank}.pt"

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 
-def all_to_all(x_NC: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+def all_to_all(
+    x_NC: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
     """Send ``input_splits[j]`` consecutive rows to rank ``j``; receive ``output_splits[j]`` rows from it."""
     out = all_to_all_single_autograd(x_NC.contiguous(), output_splits, input_splits, group)
     return wait_tensor(out) if not out.requires_grad else out
@@ -42,7 +44,7 @@ def _gather_padded(x_RC: torch.Tensor, counts: list[int], group: dist.ProcessGro
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RC: torch.Tensor, counts: list[int], rank: int, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x_RC, counts, rank, group):  # type: ignore[override]  # noqa: ANN001
         ctx.counts, ctx.rank, ctx.group = counts, rank, group
         return _gather_padded(x_RC, counts, group)
 

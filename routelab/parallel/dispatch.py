@@ -67,7 +67,8 @@ def plan_dispatch(
     num_experts: int,
     llep: LLEPConfig | None = None,
 ) -> DispatchPlan:
-    """The exchange plan of rank ``rank`` for the global routing ``topk_idx_GK`` (rank ``j`` owns ``counts[j]`` rows)."""
+    """The exchange plan of rank ``rank`` for the global routing ``topk_idx_GK`` (rank ``j`` owns
+    ``counts[j]`` of its rows)."""
     size = len(counts)
     per_rank = num_experts // size
     device = topk_idx_GK.device

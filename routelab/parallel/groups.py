@@ -95,7 +95,9 @@ def init_process_group_from_env(device: str | torch.device = "cpu", timeout_s: f
     dist.init_process_group(default_backend(device), timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def build_groups(ep_size: int, *, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroups:
+def build_groups(
+    ep_size: int, *, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> ParallelGroups:
     """Build the EP x DP groups on an initialised default process group (collective: every rank calls it)."""
     if not dist.is_initialized():
         raise ConfigError("build_groups needs torch.distributed to be initialised (init_process_group_from_env).")

@@ -95,7 +95,8 @@ class ExpertParallelMoE(MoE):
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
     def extra_repr(self) -> str:
-        return f"experts {self.local_experts.start}..{self.local_experts.stop - 1} of {self.num_experts} on rank {self.ep_rank}/{self.ep_size}"
+        experts = self.local_experts
+        return f"experts {experts.start}..{experts.stop - 1} of {self.num_experts} on rank {self.ep_rank}/{self.ep_size}"
 
     def forward(
         self,

@@ -33,7 +33,8 @@ def parallelize_moe_layers(
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is MoE:
-                setattr(module, child_name, ExpertParallelMoE(child, groups.ep_group, llep=llep, router_inputs=router_inputs))
+                parallel = ExpertParallelMoE(child, groups.ep_group, llep=llep, router_inputs=router_inputs)
+                setattr(module, child_name, parallel)
                 replaced.append(f"{name}.{child_name}" if name else child_name)
     return replaced
 

@@ -72,10 +72,14 @@ def global_batch(batch: TokenBatch, group: dist.ProcessGroup, token_counts: list
     table = torch.stack(parts).tolist()
     seq_lens = {row[1] for row in table}
     if len(seq_lens) != 1:
-        raise ConfigError(f"every rank must pass batches of the same sequence length under expert parallelism, got {sorted(seq_lens)}.")
+        raise ConfigError(
+            f"every rank must pass batches of the same sequence length under expert parallelism, got {sorted(seq_lens)}."
+        )
     for column, what in ((2, "token ids"), (3, "a timestep"), (4, "attention weights")):
         if len({row[column] for row in table}) != 1:
-            raise ConfigError(f"some ranks pass {what} to the router and others do not; pass the same inputs on every rank.")
+            raise ConfigError(
+                f"some ranks pass {what} to the router and others do not; pass the same inputs on every rank."
+            )
     seq_len = batch.seq_len
     batch_sizes = [row[0] for row in table]
     rank = dist.get_rank(group)

@@ -36,7 +36,8 @@ def check_same_config(config: dict[str, Any], groups: ParallelGroups) -> None:
     if differing:
         configs: list[Any] = [None] * groups.world_size
         dist.all_gather_object(configs, config, group=groups.dense_group)
-        keys = sorted(k for k in set(configs[0]) | set(configs[differing[0]]) if configs[0].get(k) != configs[differing[0]].get(k))
+        first, other = configs[0], configs[differing[0]]
+        keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
         raise ConfigError(
             f"ranks {differing} were started with settings that differ from rank 0's (keys {keys}); every rank "
             "must run the same command."
@@ -66,7 +67,9 @@ class ExpertParallelStep:
         self.grad_clip = grad_clip
         self.scheduler = scheduler
 
-    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: Any = None) -> dict[str, float]:
+    def __call__(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], autocast: Any = None
+    ) -> dict[str, float]:
         """One optimizer step over global micro-batches ``(inputs, targets)``; returns the mean
         loss, LM loss and aux loss over the global batch and the gradient norm."""
         totals = torch.zeros(3, dtype=torch.float64)
@@ -78,8 +81,8 @@ class ExpertParallelStep:
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"the training loss became {float(out.loss)} on rank {self.groups.rank}.")
             (out.loss / len(micro_batches)).backward()
-            totals += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach())],
-                                   dtype=torch.float64)
+            values = [float(out.loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach())]
+            totals += torch.tensor(values, dtype=torch.float64)
         sync_expert_gradients(self.model, self.groups)
         grad_norm = clip_grad_norm(self.model, self.groups, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
