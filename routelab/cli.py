@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "routelab.commands.diagnostics",
     "routelab.commands.hf",
     "routelab.commands.parallel",
+    "routelab.commands.queries",
 )
 
 app = typer.Typer(
