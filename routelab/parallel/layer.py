@@ -13,7 +13,7 @@ from routelab.core.errors import ConfigError
 from routelab.moe.experts import BatchedExperts
 from routelab.moe.layer import MoE, MoEOutput
 from routelab.parallel.dispatch import DispatchPlan, dispatch_combine_parallel, plan_dispatch
-from routelab.parallel.routing import ROUTER_INPUTS, check_router_supported, route_global
+from routelab.parallel.routing import ROUTER_INPUTS, adopt_global_observations, check_router_supported, route_global
 from routelab.systems.ep import LLEPConfig
 
 
@@ -28,7 +28,8 @@ def shard_experts(experts: BatchedExperts, ep_rank: int, ep_size: int) -> Batche
             f"{[d for d in range(1, experts.num_experts + 1) if experts.num_experts % d == 0]}."
         )
     per_rank = experts.num_experts // ep_size
-    local = BatchedExperts(per_rank, experts.d_model, experts.d_hidden, experts.activation, experts.implementation)
+    with torch.random.fork_rng(devices=[]):  # its initial values are overwritten: draw no random numbers
+        local = BatchedExperts(per_rank, experts.d_model, experts.d_hidden, experts.activation, experts.implementation)
     rows = slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
     with torch.no_grad():
         local.w_in_EDH.copy_(experts.w_in_EDH[rows])
@@ -75,6 +76,7 @@ class ExpertParallelMoE(MoE):
         check_router_supported(moe.router)
         self.group = group
         self.ep_size = dist.get_world_size(group)
+        adopt_global_observations(moe.router, dist.get_world_size() // self.ep_size)
         self.ep_rank = dist.get_rank(group)
         self.d_model, self.d_hidden, self.num_experts = moe.d_model, moe.d_hidden, moe.num_experts
         self.router = moe.router

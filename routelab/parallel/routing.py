@@ -14,8 +14,9 @@ token the dispatch moves.
 ``router_inputs="tokens"`` gathers the hidden states instead and routes the whole global
 batch on every rank: needed for routers whose later parts read the activations
 (similarity-aware token graphs) or whose scorer leaves per-token side results for them
-(noisy top-k's noise scale, ProMoE's prototypes, the recurrent router's state); the
-default ``auto`` chooses it for exactly those routers.
+(noisy top-k's noise scale, ProMoE's prototypes, the recurrent router's state) and for
+routers whose scorer keeps state learnt from the tokens (online k-means): every rank then
+updates it from the same global batch. The default ``auto`` chooses it for those routers.
 """
 
 from __future__ import annotations
@@ -102,6 +103,31 @@ def reads_activations_after_scoring(router: Router) -> bool:
     return any(type(module).__name__ in ACTIVATION_READERS for module in router.modules())
 
 
+def has_stateful_scorer(router: Router) -> bool:
+    """True when the scorer keeps state updated from the tokens it sees (online k-means
+    centroids): it must see the global batch, on every rank, to stay identical everywhere."""
+    return any(callable(getattr(module, "end_of_step", None)) for module in router.scorer.modules())
+
+
+def adopt_global_observations(router: Router, data_parallel_copies: int) -> None:
+    """Stateful parts (balancers, k-means) sum their observations over the default process
+    group, as data parallelism needs. Under expert parallelism every rank of an EP group
+    already observes that group's whole batch, so with one EP group their own reduction is
+    switched off; with several copies it stays on and counts each batch ``N`` times, which
+    the scale-free updates ignore (sign/proportional bias steps, averaged duals, means) and a
+    count-weighted state cannot: routers with a stateful scorer are refused then."""
+    if data_parallel_copies == 1:
+        for module in router.modules():
+            if isinstance(getattr(module, "all_reduce", None), bool):
+                module.all_reduce = False
+    elif has_stateful_scorer(router):
+        raise ConfigError(
+            f"router {router.name!r} keeps scorer state weighted by token counts (online k-means); with "
+            f"{data_parallel_copies} copies of each expert group its statistics would be counted "
+            f"{data_parallel_copies}x per rank group. Use --expert-parallel equal to the number of processes."
+        )
+
+
 def score_locally(router: Router, x_TD: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, list[str]]:
     """``logits_TE`` of this rank's tokens, and the names of any per-token results the scorer left for later parts."""
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -139,7 +165,7 @@ def route_global(
     rank = dist.get_rank(group)
     offset = sum(counts[:rank])
     batch_G = global_batch(batch, group, counts)
-    if router_inputs == "auto" and reads_activations_after_scoring(router):
+    if router_inputs == "auto" and (reads_activations_after_scoring(router) or has_stateful_scorer(router)):
         router_inputs = "tokens"
     if router_inputs != "tokens":
         rng = torch.get_rng_state()

@@ -52,6 +52,9 @@ def compare_layer(rank: int, world: int, cases: list[dict]) -> list[dict]:
             with torch.no_grad():  # a router that sends most tokens to experts 0 and 1
                 weight = next(reference.router.scorer.parameters())
                 (weight[:2] if weight.shape[0] == E else weight[:, :2]).add_(case["skew"])
+        for module in reference.modules():  # the reference is one process: no reduction over the workers
+            if isinstance(getattr(module, "all_reduce", None), bool):
+                module.all_reduce = False
         layer = ExpertParallelMoE(copy.deepcopy(reference), group,
                                   llep=LLEPConfig(lam=1.0, min_chunk=1) if case.get("llep") else None)
         optim_ref = torch.optim.SGD(reference.parameters(), lr=0.01)
@@ -63,9 +66,11 @@ def compare_layer(rank: int, world: int, cases: list[dict]) -> list[dict]:
             x, mask, g = make_batch(world, case["seq"], case["seq_len"], case.get("padded", False), case.get("skew", 0.0))
             x = x + step * 0.01
             x_ref = x.clone().requires_grad_(True)
+            rng = torch.get_rng_state()  # both layers draw the same numbers (k-means seeding)
             out_ref = reference(x_ref, padding_mask=mask)
             ((out_ref.y * g).sum() + out_ref.aux_loss).backward()
             x_ep = x[rows].clone().requires_grad_(True)
+            torch.set_rng_state(rng)
             out = layer(x_ep, padding_mask=None if mask is None else mask[rows])
             ((out.y * g[rows]).sum() + out.aux_loss / world).backward()
             llep_used |= bool(layer.last_plan.llep_applied)

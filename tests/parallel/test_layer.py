@@ -18,6 +18,7 @@ CASES = [
     {"name": "expert-choice", "router": "expert-choice", "seq": 2, "seq_len": 8},
     {"name": "sinkhorn", "router": "sinkhorn", "seq": 2, "seq_len": 8},
     {"name": "capacity-drop", "router": "mixtral", "seq": 2, "seq_len": 8, "options": {"capacity_factor": 0.5}},
+    {"name": "kmeans (stateful scorer, 3 steps)", "router": "kmeans", "seq": 2, "seq_len": 8, "steps": 3},
     {"name": "similarity-aware (gathers tokens)", "router": "similarity-aware", "seq": 2, "seq_len": 8},
     {"name": "skewed, a rank receives no tokens", "router": "mixtral", "seq": 2, "seq_len": 8, "skew": 3.0},
     {"name": "llep-skewed", "router": "mixtral", "seq": 2, "seq_len": 8, "llep": True, "skew": 3.0},

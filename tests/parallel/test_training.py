@@ -48,6 +48,16 @@ def test_ep2_times_dp2_on_four_processes_equals_one_process(trained: dict) -> No
         torch.testing.assert_close(results[0]["state"][name], ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_stateful_random_and_hash_routers_train_as_in_one_process() -> None:
+    """Online k-means (scorer state), noisy top-k (random noise), BIP (dual prices), hash
+    (token ids) and ProMoE (prototype loss): 3 EP=2 steps follow one process."""
+    routers = ["kmeans", "noisy-topk", "bip", "hash", "promoe"]
+    losses = run_workers(tc.train_routers, 2, routers, 3, timeout_s=300)[0]
+    for router in routers:
+        reference = tc.reference_training(router, 3)[0]
+        assert max(abs(a - b) for a, b in zip(losses[router], reference)) < 1e-5, router
+
+
 def test_resume_under_ep_is_exact(trained: dict) -> None:
     assert [r["resume_error"] for r in trained["results"]] == [0.0, 0.0]
 

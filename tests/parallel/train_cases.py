@@ -78,6 +78,15 @@ def train_only(rank: int, world: int, ep: int, router: str, steps: int) -> dict:
     return {"losses": losses, "state": state if rank == 0 else None, "dp_size": groups.dp_size}
 
 
+def train_routers(rank: int, world: int, routers: list[str], steps: int) -> dict[str, list[float]]:
+    """``steps`` EP=world training steps per router (one process group for all of them)."""
+    out = {}
+    for router in routers:
+        groups, model, optimizer, step = build(world, router)
+        out[router] = [step([batch(s)])["loss"] for s in range(steps)]
+    return out
+
+
 def load_into_ep(rank: int, world: int, ep: int, router: str, path: str) -> dict:
     """Load a checkpoint (written by anything) under EP=``ep`` and return the gathered state."""
     groups, model, optimizer, _ = build(ep, router)
