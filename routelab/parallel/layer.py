@@ -13,7 +13,12 @@ from routelab.core.errors import ConfigError
 from routelab.moe.experts import BatchedExperts
 from routelab.moe.layer import MoE, MoEOutput
 from routelab.parallel.dispatch import DispatchPlan, dispatch_combine_parallel, plan_dispatch
-from routelab.parallel.routing import ROUTER_INPUTS, adopt_global_observations, check_router_supported, route_global
+from routelab.parallel.routing import (
+    ROUTER_INPUTS,
+    adopt_global_observations,
+    check_router_supported,
+    route_global,
+)
 from routelab.systems.ep import LLEPConfig
 
 
