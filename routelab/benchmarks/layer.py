@@ -168,6 +168,7 @@ def time_router_share(
     ``seq_len`` is None); routers that compare or mix tokens within a sequence depend on it.
     """
     from routelab.core.context import RoutingContext, TokenBatch
+    from routelab.core.validation import inputs_checked_by_layer
     from routelab.routers.registry import preset_info
 
     torch.manual_seed(seed)
@@ -190,7 +191,8 @@ def time_router_share(
         layer.zero_grad(set_to_none=True)
 
     def run_router() -> None:
-        routing = layer.router(x_TD, batch)
+        with inputs_checked_by_layer():  # the router's cost inside its layer, which checks the input once
+            routing = layer.router(x_TD, batch)
         loss = routing.topk_weight.sum() + routing.aux_loss
         if loss.requires_grad:
             loss.backward()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +10,8 @@ import typer
 import yaml
 from rich.console import Console
 
-from routelab.core.errors import ConfigError, RoutelabError
+from routelab.commands.common import parse_int_list
+from routelab.core.errors import ConfigError
 
 err_console = Console(stderr=True)
 
@@ -21,23 +20,6 @@ def output_console() -> Console:
     """Stdout console; wide enough for the leaderboard when the output is a file or a pipe."""
     console = Console()
     return console if console.is_terminal else Console(width=200)
-
-
-def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Print routelab errors as one clear message (exit code 2) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except RoutelabError as error:
-            err_console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]stopped; run the same command with --resume (train) or again (compare) to continue.[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -52,22 +34,11 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def parse_top_k(value: str | None) -> int | list[int] | None:
-    if value is None:
+    """``--top-k``: one integer, or one per MoE layer (comma-separated)."""
+    values = parse_int_list(value, "--top-k", minimum=1)
+    if values is None:
         return None
-    try:
-        parts = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--top-k {value!r} must be an integer or a comma-separated list (one per MoE layer).") from None
-    return parts[0] if len(parts) == 1 else parts
-
-
-def parse_ints(value: str | None, flag: str) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. {flag} 0,1,2.") from None
+    return values[0] if len(values) == 1 else values
 
 
 def apply_threads(value: str | None) -> None:
@@ -170,7 +141,6 @@ def corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes) -> d
     )
 
 
-@friendly_errors
 def train_command(
     router: str = typer.Option("mixtral", "--router", help="Router preset (routelab list), or 'dense'."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (repeatable)."),
@@ -253,7 +223,6 @@ def train_command(
     )
 
 
-@friendly_errors
 def compare_command(
     config_file: Optional[Path] = typer.Argument(None, help="Experiment file (.yaml/.yml/.toml); flags override it."),
     name: Optional[str] = typer.Option(None, "--name", help="Experiment name (results in <out-dir>/<name>/)."),
@@ -290,7 +259,7 @@ def compare_command(
     if config_file is None and routers is None:
         raise ConfigError("give an experiment file (routelab compare exp.yaml) or --routers a,b,c (see docs/lab.md).")
     overrides: dict[str, Any] = given(
-        name=name, baseline=baseline, out_dir=out_dir, seeds=parse_ints(seeds, "--seeds"),
+        name=name, baseline=baseline, out_dir=out_dir, seeds=parse_int_list(seeds, "--seeds", minimum=0),
         routers=[r.strip() for r in routers.split(",") if r.strip()] if routers else None,
     )
     sections = {
@@ -319,7 +288,6 @@ def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, t
     return result
 
 
-@friendly_errors
 def demo_command(
     out_dir: str = typer.Option("runs", "--out-dir", help="Parent folder; the demo writes <out-dir>/demo/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the training steps per router."),
@@ -342,7 +310,7 @@ def demo_command(
         settings["routers"] = [r.strip() for r in routers.split(",") if r.strip()]
         settings["baseline"] = settings["routers"][0]
     if seeds is not None:
-        settings["seeds"] = parse_ints(seeds, "--seeds")
+        settings["seeds"] = parse_int_list(seeds, "--seeds", minimum=0)
     config = load_experiment(settings)
     apply_threads(threads)
     import torch

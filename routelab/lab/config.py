@@ -49,7 +49,7 @@ class TrainConfig(Settings):
     probe_sequences: int = Field(4, ge=1, description="sequences of the fixed routing probe batch")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     keep_checkpoint: bool = Field(False, description="keep the optimizer checkpoint after the run finished")
 
     @property
@@ -71,6 +71,15 @@ class ModelSettings(Settings):
     num_shared_experts: int = Field(0, ge=0)
     shared_d_hidden: int | None = Field(None, ge=1)
     activation: Literal["swiglu", "gelu"] = "swiglu"
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> ModelSettings:
+        values = self.top_k if isinstance(self.top_k, list) else [self.top_k]
+        for value in values:
+            if value is not None and not 1 <= value <= self.num_experts:
+                raise ValueError(f"top_k={value} must lie in [1, num_experts={self.num_experts}] (also for dense "
+                                 "models, whose width it sets)")
+        return self
 
     def tinylm(self, *, vocab_size: int, max_seq_len: int, router: str | None, router_options: dict[str, Any]) -> TinyLMConfig:
         """The ``TinyLMConfig`` of one run; ``router=None`` (or ``"dense"``) gives the dense equivalent."""

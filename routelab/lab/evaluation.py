@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from routelab.core.atomic_files import atomic_path
 from routelab.core.stats import balance_stats
 from routelab.lab.batches import Batch
 from routelab.models.tinylm import TinyLM
@@ -119,9 +120,8 @@ class RoutingCollector:
                 torch.cat([torch.nn.functional.pad(per_batch[layer], (0, width - per_batch[layer].shape[1]))
                            for per_batch in self.topk_weight]) for layer in range(layers)
             ]).numpy()
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
 
 
 @torch.no_grad()

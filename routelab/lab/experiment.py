@@ -17,7 +17,6 @@ partial ones resumed, so an interrupted comparison continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,9 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 
+from routelab.core.atomic_files import atomic_write_json
 from routelab.core.errors import ConfigError
+from routelab.core.run_lock import holds_folder_lock
 from routelab.lab.config import DENSE, CorpusSettings, ModelSettings, RouterEntry, Settings, TrainConfig, validated
 from routelab.lab.data import PreparedCorpus, prepare_corpus
 from routelab.lab.train import RunFiles, train_run
@@ -81,6 +82,8 @@ class ExperimentConfig(Settings):
             raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
         return self
 
     @property
@@ -117,8 +120,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"experiment file {str(path)!r} does not exist.")
     if path.suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = toml_module().loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as error:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
@@ -168,6 +171,7 @@ def load_experiment(source: str | Path | dict[str, Any] | None = None, overrides
     return config
 
 
+@holds_folder_lock(lambda config, **kwargs: config.folder, "experiment folder")
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -183,12 +187,14 @@ def run_experiment(
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    config.folder.mkdir(parents=True, exist_ok=True)
-    (config.folder / "experiment.json").write_text(json.dumps(config.model_dump(), indent=1))
     with console.status("preparing the corpus and tokenizer ..."):
         prep_start = time.perf_counter()
         corpus = prepare_corpus(config.corpus.options(), cache_dir=cache_dir)
         prep_time = time.perf_counter() - prep_start
+    for entry in config.routers:  # every model shape is checked before anything is written
+        config.model.tinylm(vocab_size=corpus.vocab_size, max_seq_len=config.train.seq_len, router=entry.name,
+                            router_options=entry.options)
+    atomic_write_json(config.folder / "experiment.json", config.model_dump())
     tokens = corpus.meta["num_tokens"]
     console.print(
         f"corpus {corpus.meta['source']!r}: domains {corpus.domains}, {tokens['train']:,} train / {tokens['val']:,} val "

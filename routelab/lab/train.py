@@ -32,7 +32,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from routelab.core.atomic_files import atomic_path, atomic_write_json, atomic_write_text
 from routelab.core.errors import ConfigError, RoutelabError
+from routelab.core.json_files import read_json, read_jsonl_rows
+from routelab.core.run_lock import holds_folder_lock
 from routelab.lab.batches import Batch, TrainSampler, eval_batches, probe_batch
 from routelab.lab.checkpoint import (
     CHECKPOINT_FILE,
@@ -140,31 +143,19 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (a partly written last line from a kill is ignored)."""
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """Rows of a ``metrics.jsonl``. A partly written last line (from a kill) is ignored; an
+    unreadable line before it means the file was damaged and raises ``InputError``."""
+    return read_jsonl_rows(path)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only rows up to ``last_step`` (a killed run may have logged steps after its checkpoint)."""
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def config_record(model_config: TinyLMConfig, train_config: TrainConfig, corpus: PreparedCorpus) -> dict[str, Any]:
@@ -249,9 +240,8 @@ class ProbeHistory:
                     layer_weights.append(padded)
                 weights.append(torch.stack(layer_weights))
             arrays["topk_weight"] = torch.stack(weights).numpy()
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
 
 
 def make_progress(console: Console) -> Progress:
@@ -267,6 +257,7 @@ def make_progress(console: Console) -> Progress:
     )
 
 
+@holds_folder_lock(lambda run_dir, *args, **kwargs: run_dir, "run folder")
 def train_run(
     run_dir: str | Path,
     corpus: PreparedCorpus,
@@ -300,11 +291,11 @@ def train_run(
             f"{str(files.root)!r} already holds a run; pass --resume to continue (or return) it, or choose another folder."
         )
     if files.config.is_file() and has_run:
-        stored = json.loads(files.config.read_text())
+        stored = read_json(files.config, "run config")
         check_same_run(stored, record, files.root)
         record["train_config"]["precision"] = stored["train_config"]["precision"]
     if files.finished():
-        return json.loads(files.summary.read_text())
+        return read_json(files.summary, "run summary")
 
     resuming = files.checkpoint.is_file()
     if not resuming:

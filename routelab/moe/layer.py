@@ -15,7 +15,7 @@ from torch import nn
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
-from routelab.core.validation import check_activations, check_positive_int, check_token_tensor
+from routelab.core.validation import check_activations, check_positive_int, check_token_tensor, inputs_checked_by_layer
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.routers.parts.router import Router
@@ -159,7 +159,8 @@ class MoE(nn.Module):
         x_TD, batch = self.real_tokens(
             x, padding_mask, token_ids, timestep=timestep, attention=attention, context=context
         )
-        routing = self.router(x_TD, batch)
+        with inputs_checked_by_layer():
+            routing = self.router(x_TD, batch)
         y_TD = dispatch_combine(x_TD, routing.topk_idx, routing.topk_weight, self.experts)
         y_TD = self.add_shared_experts(x_TD, y_TD)
         return MoEOutput(y=self.padded_output(y_TD, batch), routing=routing, aux_loss=routing.aux_loss)

@@ -17,9 +17,16 @@ from typing import Any
 
 from routelab.core.errors import ConfigError, suggest
 from routelab.core.registry import Registry
-from routelab.core.validation import check_capacity_factor, check_choice, check_non_negative, check_positive_int, check_top_k
-from routelab.routers.parts.router import Router
+from routelab.core.validation import (
+    check_capacity_factor,
+    check_choice,
+    check_non_negative,
+    check_option_type,
+    check_positive_int,
+    check_top_k,
+)
 from routelab.routers.parts.capacity import DROP_POLICIES
+from routelab.routers.parts.router import Router
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,10 @@ def create_router(
     specific_names = info.specific_options()
     common_kwargs = dict(info.common_defaults)
     specific_kwargs: dict[str, Any] = {}
+    defaults = info.options()
     for key, value in overrides.items():
+        if key in defaults:
+            check_option_type(f"router {name!r}", key, value, defaults[key])
         if key in COMMON_OPTION_NAMES:
             common_kwargs[key] = value
         elif key in specific_names:
@@ -196,6 +206,7 @@ def create_router(
     common = CommonOptions(**common_kwargs).validate()
     router = info.builder(RouterSpec(d_model, num_experts, top_k), common, **specific_kwargs)
     router.name = name
+    router.d_model = d_model
     from routelab.routers.option_use import check_common_options_used
 
     preset_defaults = dataclasses.asdict(CommonOptions(**info.common_defaults))

@@ -47,6 +47,9 @@ def parse_corpus(specs: Sequence[str]) -> list[CorpusEntry]:
         files = (path,) if path.is_file() else tuple(sorted(p for p in path.rglob("*") if p.is_file()))
         if not files:
             raise ConfigError(f"corpus folder {str(path)!r} holds no files.")
+        if not any(read_text(f) for f in files):
+            raise ConfigError(f"corpus {str(path)!r} (from --corpus {spec!r}) holds no UTF-8 text (only binary or "
+                              "empty files).")
         entries.append(CorpusEntry(domain, path, files))
     return entries
 
@@ -174,3 +177,10 @@ def record_corpus(
 def corpus_description(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
     """JSON description of the corpus for the trace header."""
     return [{"domain": e.domain, "path": os.fspath(e.path), "files": len(e.files)} for e in entries]
+
+
+def corpus_fingerprint(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
+    """Per domain, a SHA-256 of its files' bytes: what a resumed trace must find unchanged."""
+    from routelab.traces.resume_check import file_sha256
+
+    return [{"domain": e.domain, "files": len(e.files), "sha256": file_sha256(e.files)} for e in entries]

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.validation import check_positive_int
 from routelab.traces.reader import LayerRouting, TokenTable, sequence_offsets
 
 
@@ -221,7 +222,7 @@ class InMemoryTrace:
         if sequences is not None:
             keep &= np.isin(self._tokens.seq_id, np.asarray(sequences, np.int64))
         if max_tokens is not None:
-            keep[int(max_tokens):] = False
+            keep[check_positive_int("max_tokens", max_tokens):] = False
         rows = np.flatnonzero(keep)
         return InMemoryTrace(
             {layer: self._idx[layer][rows] for layer in keep_layers},

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelab.core.errors import ConfigError, InputError, suggest
+from routelab.core.validation import check_positive_int
 from routelab.traces.format import (
     TOKEN_COLUMNS,
     idx_column,
@@ -324,7 +325,7 @@ class Trace:
             if sequences is not None:
                 keep &= np.isin(tokens.seq_id, np.asarray(sequences, dtype=np.int64))
             if max_tokens is not None:
-                keep[int(max_tokens):] = False
+                keep[check_positive_int("max_tokens", max_tokens):] = False
         rows = self._rows
         if keep is not None:
             local = np.flatnonzero(keep)

@@ -237,8 +237,14 @@ def test_writer_rejects_bad_input(tmp_path):
         writer.add(1, np.zeros((3, 1), np.int64), np.zeros((3, 1)), np.arange(3) + 1, ok[1], ok[2])
     with pytest.raises(InputError, match="row counts differ"):
         writer.close()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="is in use by pid"):  # the open writer holds its folder
         TraceWriter(tmp_path / "w.trace", None, 2, 4)
+    writer.abort()
+    with TraceWriter(tmp_path / "done.trace", None, 2, 4) as done:
+        done.add(0, np.zeros((3, 1), np.int64), np.zeros((3, 1)), *ok)
+        done.add(1, np.zeros((3, 1), np.int64), np.zeros((3, 1)), *ok)
+    with pytest.raises(ConfigError, match="already exists"):
+        TraceWriter(tmp_path / "done.trace", None, 2, 4)
     with pytest.raises(ConfigError, match="JSON-serialisable"):
         TraceWriter(tmp_path / "j.trace", {"bad": object()}, 2, 4)
 

@@ -20,6 +20,7 @@ from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
 from routelab.core.stats import expert_load, routing_stats
+from routelab.core.validation import check_router_input
 
 
 @dataclass
@@ -180,7 +181,9 @@ class Router(nn.Module):
         self.losses = nn.ModuleList(losses)
         self.capacity = capacity
         self.name = name
+        self.d_model: int | None = None  # set by create_router; checked on standalone calls
         self.replay: Any = None  # set by routelab.routers.replay while recording or replaying
+        self.register_forward_pre_hook(_check_standalone_input, with_kwargs=True)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -259,6 +262,11 @@ class Router(nn.Module):
         for module in self.modules():
             if isinstance(module, StatefulPart):
                 module.end_of_step()
+
+
+def _check_standalone_input(router: Router, args: tuple, kwargs: dict) -> None:
+    """Every router call gets the MoE layer's input checks (skipped inside the layer, which ran them)."""
+    check_router_input(args[0] if args else kwargs.get("x_TD"), router.d_model, name="x_TD")
 
 
 def end_of_step(model: nn.Module) -> int:
