@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import typer
 
-from routelab.commands.lab import friendly_errors
+from routelab.commands.common import fail
 from routelab.core.errors import ConfigError
 
 
-@friendly_errors
 def launch_command(
     ctx: typer.Context,
     nproc: int = typer.Option(..., "--nproc", help="Processes to start on this machine (one per GPU, or CPU processes)."),
@@ -33,8 +31,7 @@ def launch_command(
         run(args)
     except ChildFailedError as error:
         failed = ", ".join(f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(error.failures.items()))
-        typer.echo(f"error: the job failed: {failed}; its own error is printed above.", err=True)
-        raise typer.Exit(2) from None
+        fail(f"the job failed: {failed}; its own error is printed above.")
 
 
 def register(app: typer.Typer) -> None:
