@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,12 @@ def train_expert_parallel(
     show_progress: bool = True,
     label: str | None = None,
     timeout_s: float = 300.0,
+    on_step_end: Callable[[int], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Train one TinyLM with EP x DP (call on every rank); rank 0 returns the summary, the others None."""
+    """Train one TinyLM with EP x DP (call on every rank); rank 0 returns the summary, the others None.
+
+    ``on_step_end`` is called with the step number after each step (and its checkpoint).
+    """
     if model_config.ffn != "moe":
         raise ConfigError("--expert-parallel needs MoE layers; the dense model has no experts to distribute.")
     init_process_group_from_env(timeout_s=timeout_s)
@@ -175,6 +180,8 @@ def train_expert_parallel(
             if step % train_config.checkpoint_every == 0 or step == train_config.steps:
                 with collective_guard(groups, step):
                     save()
+            if on_step_end is not None:
+                on_step_end(step)
         state = gather_full_state(model, groups)
     finally:
         if progress is not None:
