@@ -22,10 +22,10 @@ from rich.table import Table
 
 from routelab.lab.compute import add_equal_flops, depth_mode_points, plot_quality_vs_compute
 from routelab.lab.data import PreparedCorpus
-from routelab.lab.experiment import ExperimentConfig
+from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
 from routelab.lab.run_metrics import RunRecord, run_columns
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 
 ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (

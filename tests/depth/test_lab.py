@@ -16,8 +16,8 @@ from routelab.lab.train import read_metrics
 
 runner = CliRunner()
 TINY = {
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 2, "expert_d_hidden": 32,
-              "depth_fit": {"fit_batches": 1, "report_batches": 1, "drllm_simulations": 4}},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 2, "expert_d_hidden": 32},
+    "depth": {"fit": {"fit_batches": 1, "report_batches": 1, "drllm_simulations": 4}},
     "train": {"steps": 4, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "eval_every": 2, "eval_tokens": 128,
               "probe_sequences": 2, "checkpoint_every": 4, "precision": "fp32"},
 }
