@@ -96,7 +96,7 @@ def alternatives(name: str, option: str, default: Any) -> list[Any]:
 
 def fingerprint(name: str, options: dict[str, Any]) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    layer = routelab.MoE(d_model=D_MODEL, d_hidden=12, num_experts=NUM_EXPERTS, router=name, **options).train()
+    layer = routelab.moe_layer(d_model=D_MODEL, d_hidden=12, num_experts=NUM_EXPERTS, router=name, **options).train()
     extra = side_inputs(BATCH, SEQ)
     g = torch.Generator().manual_seed(1)
     target = torch.randn(BATCH, SEQ, D_MODEL, generator=g)
