@@ -30,4 +30,5 @@ SHAPE_LETTERS: dict[str, str] = {
     "Q": "checkpoints (evaluations) of a training run",
     "R": "length of a routing-weight vector (RoMA)",
     "J": "nearest neighbours (RoMA)",
+    "O": "output width of an adapted linear layer (LoRA experts; F is then its input width)",
 }
