@@ -197,6 +197,12 @@ def train_command(
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
     threads: Optional[str] = THREADS,
+    expert_parallel: Optional[int] = typer.Option(
+        None, "--expert-parallel", help="Shard each MoE layer's experts over N processes (start under torchrun or "
+        "`routelab launch`; see docs/parallel.md)."),
+    llep: Optional[float] = typer.Option(
+        None, "--llep", help="With --expert-parallel: Least-Loaded EP when the busiest rank exceeds the mean by this "
+        "ratio (e.g. 1.3)."),
 ) -> None:
     """Train one TinyLM with one router on a corpus (resumable with --resume)."""
     from routelab.lab.config import CorpusSettings, ModelSettings, RouterEntry, TrainConfig, validated
@@ -213,6 +219,10 @@ def train_command(
     corpus_settings = validated(CorpusSettings, corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
                                 "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
+    if expert_parallel is not None or llep is not None:
+        from routelab.parallel.groups import check_distributed_launch
+
+        check_distributed_launch(expert_parallel, llep)
     apply_threads(threads)
     check_routers(ExperimentConfig(routers=[entry], model=model_settings))
     with err_console.status("preparing the corpus and tokenizer ..."):
@@ -220,8 +230,16 @@ def train_command(
     folder = out or Path("runs") / "train" / f"{router}-seed{seed}"
     model_config = model_settings.tinylm(vocab_size=prepared.vocab_size, max_seq_len=train.seq_len, router=router,
                                 router_options=entry.options)
-    summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
-                        show_progress=not no_progress, label=router)
+    if expert_parallel is not None or llep is not None:
+        from routelab.lab.parallel_train import expert_parallel_command_run
+
+        summary = expert_parallel_command_run(folder, prepared, model_config, train, expert_parallel, llep, resume=resume,
+                                              console=err_console, show_progress=not no_progress, label=router)
+        if summary is None:  # ranks other than 0 print nothing
+            return
+    else:
+        summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
+                            show_progress=not no_progress, label=router)
     final = summary["final_eval"]
     domains = ", ".join(f"{d} {v:.3f}" for d, v in final["val_loss_by_domain"].items())
     output_console().print(

@@ -71,6 +71,11 @@ class HashSelector(Selector, FitsData):
                 raise ConfigError("hash_mode='balanced' needs vocab_size=<size of the token vocabulary>.")
             self.register_buffer("table", torch.full((vocab_size, self.top_k), -1, dtype=torch.long))
         else:
+            if vocab_size is not None:
+                raise ConfigError(
+                    f"vocab_size is used only by hash_mode='balanced' (its frequency table); hash_mode={mode!r} "
+                    "hashes any id. Leave vocab_size out."
+                )
             self.table = None
 
     def random_experts(self, key_T: torch.Tensor) -> torch.Tensor:

@@ -294,6 +294,10 @@ def cosine_router(
 ) -> Router:
     extra_losses: list[RouterLoss] = []
     coef = check_non_negative("bandpass_loss_coef", bandpass_loss_coef)
+    for option, value in (("bandpass_low", bandpass_low), ("bandpass_high", bandpass_high)):
+        if value is not None and not coef:
+            raise ConfigError(f"{option}={value} sets the band of the bandpass loss, which is off; set "
+                              "bandpass_loss_coef > 0 too, or leave it out.")
     if coef:
         low, high = default_band(spec.num_experts)
         low = low if bandpass_low is None else bandpass_low
