@@ -56,6 +56,7 @@ from routelab.parallel.groups import build_groups, init_process_group_from_env
 from routelab.parallel.model import expert_parameter_names, parallelize_moe_layers
 from routelab.parallel.trainer import ExpertParallelStep, check_same_config, rank_rows
 from routelab.parallel.watchdog import collective_guard
+from routelab.routers.parts.router import fit_to_data
 from routelab.systems.ep import LLEPConfig
 
 DCP_CHECKPOINT = "checkpoint.dcp"
