@@ -25,7 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from routelab.adapters import attach_adapters, routed_delta
-from routelab.benchmarks.timing import median_time
+from routelab.bench.timing import median_time
 from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from routelab import MoE, end_of_step
-from routelab.benchmarks.layer import shape_by_name
-from routelab.benchmarks.timing import median_time
+from routelab.bench.layer import shape_by_name
+from routelab.bench.timing import median_time
 from routelab.core.context import TokenBatch
 from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 from routelab.core.validation import inputs_checked_by_layer

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "routelab.commands.lab",
     "routelab.commands.diagnostics",
     "routelab.commands.hf",
+    "routelab.commands.parallel",
     "routelab.commands.adapters",
     "routelab.commands.queries",
 )

@@ -19,7 +19,7 @@ from torch import nn
 
 from routelab.adapters.routing import AdapterRouter, AdapterRouting, build_routing, dense_slots
 from routelab.core import TokenBatch
-from routelab.core.stats import routing_stats
+from routelab.core.routing_stats import routing_stats
 from routelab.core.validation import check_non_negative, check_positive_int, check_top_k
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from routelab.core import Routing, TokenBatch
-from routelab.core.stats import routing_stats
+from routelab.core.routing_stats import routing_stats
 
 
 @dataclass

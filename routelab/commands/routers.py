@@ -62,7 +62,7 @@ def bench_command(
     quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repeats (a smoke run)."),
 ) -> None:
     """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
-    from routelab.benchmarks.layer import run_layer_benchmark, run_router_cost_benchmark
+    from routelab.bench.layer import run_layer_benchmark, run_router_cost_benchmark
 
     console = Console()
     if quick:

@@ -5,7 +5,7 @@ Balance over the validation set sums each layer's expert loads over all validati
 batches before computing MaxVio / CV / dead experts (the global view; per-batch values are
 logged during training). Routing fluctuation between two evaluations is the fraction of
 (token, layer) pairs of the probe batch whose selected expert *set* changed
-(Graph-of-Tokens flip rate for top-k, systems spec A4).
+(the flip rate of Graph of Tokens, Nguyen et al. 2025, arXiv 2505.00792, for top-k).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from routelab.core.atomic_files import atomic_path
-from routelab.core.stats import balance_stats
+from routelab.core.routing_stats import balance_stats
 from routelab.lab.batches import Batch
 from routelab.models.tinylm import TinyLM
 

@@ -19,83 +19,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 
 from routelab.core.atomic_files import atomic_write_json
 from routelab.core.errors import ConfigError
 from routelab.core.run_lock import holds_folder_lock
-from routelab.lab.config import DENSE, CorpusSettings, ModelSettings, RouterEntry, Settings, TrainConfig, validated
+from routelab.lab.config import DENSE, ExperimentConfig, RouterEntry, validated
 from routelab.lab.data import PreparedCorpus, prepare_corpus
+from routelab.lab.report import write_report
 from routelab.lab.train import RunFiles, train_run
 from routelab.routers.registry import create_router
-
-
-class TOSTSettings(Settings):
-    """Equivalence test of each router against the baseline (needs >= 2 seeds)."""
-
-    margin: float = Field(0.02, gt=0, description="equivalence margin in units of the metric")
-    metric: Literal["val_loss", "val_ppl"] = "val_loss"
-    alpha: float = Field(0.05, gt=0, lt=0.5)
-    test: Literal["welch", "student", "paired"] = "welch"
-
-
-class ExperimentConfig(Settings):
-    """A comparison of routers (see the module docstring for the file format)."""
-
-    name: str = "experiment"
-    routers: list[RouterEntry] = Field(min_length=1)
-    baseline: str | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
-    tost: TOSTSettings = Field(default_factory=TOSTSettings)
-    out_dir: str = "runs"
-
-    @field_validator("routers", mode="before")
-    @classmethod
-    def _router_strings(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _folder_name(cls, value: str) -> str:
-        if not value or not all(c.isalnum() or c in "-_." for c in value):
-            raise ValueError("name may only hold letters, digits, '-', '_' and '.' (it names a folder)")
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> ExperimentConfig:
-        keys = [r.key for r in self.routers]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise ValueError(f"router labels must be unique, {duplicates} repeat; give each entry a distinct 'label'")
-        if self.baseline is not None and self.baseline not in keys:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {self.seeds}")
-        if any(seed < 0 for seed in self.seeds):
-            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
-        return self
-
-    @property
-    def baseline_key(self) -> str:
-        return self.baseline or self.routers[0].key
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    def run_folder(self, entry: RouterEntry, seed: int) -> Path:
-        return self.folder / f"{entry.key}-seed{seed}"
 
 
 def toml_module():  # noqa: ANN201 - a module
@@ -183,8 +119,6 @@ def run_experiment(
 
     Returns the report summary (see ``routelab.lab.report.write_report``).
     """
-    from routelab.lab.report import write_report
-
     console = console or Console(stderr=True)
     start = time.perf_counter()
     with console.status("preparing the corpus and tokenizer ..."):

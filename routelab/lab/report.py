@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from routelab.lab.data import PreparedCorpus
-from routelab.lab.experiment import ExperimentConfig
+from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
 from routelab.lab.run_metrics import RunRecord, run_columns
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 
 ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (

@@ -94,6 +94,9 @@ class PresetInfo:
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
         needs_attention: the router reads the attention matrix (``attention=`` of the layer).
+        layer_kind: the layer that runs the router: ``"token"`` (``routelab.MoE``) or
+            ``"soft"`` (``routelab.SoftMoE``, slots mixed from tokens); ``routelab.moe_layer``
+            picks it.
     """
 
     name: str
@@ -106,6 +109,7 @@ class PresetInfo:
     min_top_k: int = 1
     needs_token_ids: bool = False
     needs_attention: bool = False
+    layer_kind: str = "token"
 
     def specific_options(self) -> dict[str, Any]:
         """The preset's own options and their defaults."""
@@ -132,6 +136,7 @@ def register_preset(
     min_top_k: int = 1,
     needs_token_ids: bool = False,
     needs_attention: bool = False,
+    layer_kind: str = "token",
 ) -> Callable[[Builder], Builder]:
     """Register ``builder(spec: RouterSpec, common: CommonOptions, **options) -> Router``."""
 
@@ -149,6 +154,7 @@ def register_preset(
                 min_top_k=min_top_k,
                 needs_token_ids=needs_token_ids,
                 needs_attention=needs_attention,
+                layer_kind=layer_kind,
             ),
         )
         return builder

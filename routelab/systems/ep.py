@@ -24,7 +24,7 @@ default) or of per-expert loads (the paper's text).
 per-rank send or receive volume over the link; LLEP adds the expert weights each helper
 receives. Tokens start spread evenly over the ranks in order (rank ``r`` holds tokens
 ``[r·T/P, (r+1)·T/P)``); assignments to the local rank move no bytes.
-Oracle (spec A3): loads [80,0,10,10,0,0,0,0], P = 4, m = 1, α = 1 -> expert 0 on GPU0
+Oracle (hand-computed, tested): loads [80,0,10,10,0,0,0,0], P = 4, m = 1, α = 1 -> expert 0 on GPU0
 [0,25), GPU2 [25,50), GPU3 [50,75), GPU1 [75,80); loads [25,25,25,25].
 """
 

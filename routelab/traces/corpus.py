@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.text import read_text
 from routelab.traces.recorder import TraceRecorder
 from routelab.traces.writer import TraceWriter
 
@@ -52,17 +53,6 @@ def parse_corpus(specs: Sequence[str]) -> list[CorpusEntry]:
                               "empty files).")
         entries.append(CorpusEntry(domain, path, files))
     return entries
-
-
-def read_text(path: Path) -> str | None:
-    """The file as UTF-8 text, or None for binary/undecodable files."""
-    data = path.read_bytes()
-    if b"\x00" in data[:4096]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def token_sequences(
