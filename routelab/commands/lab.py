@@ -294,7 +294,7 @@ def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, t
 
     result = run_experiment(config, console=err_console, show_progress=show_progress, cache_dir=cache_dir)
     console = output_console()
-    console.print(leaderboard_table(result["aggregates"], result["tost"], title))
+    console.print(leaderboard_table(result["aggregates"], result["tost"], title, result.get("noise")))
     serving = serving_table(result["aggregates"], "serving cost of the final routing (validation set)")
     if serving is not None:
         console.print(serving)

@@ -71,6 +71,7 @@ class ModelSettings(Settings):
     num_shared_experts: int = Field(0, ge=0)
     shared_d_hidden: int | None = Field(None, ge=1)
     activation: Literal["swiglu", "gelu"] = "swiglu"
+    objective: Literal["causal", "masked-diffusion"] = "causal"
 
     def tinylm(self, *, vocab_size: int, max_seq_len: int, router: str | None, router_options: dict[str, Any]) -> TinyLMConfig:
         """The ``TinyLMConfig`` of one run; ``router=None`` (or ``"dense"``) gives the dense equivalent."""

@@ -49,6 +49,7 @@ from routelab.lab.config import TrainConfig
 from routelab.lab.data import PreparedCorpus
 from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
+from routelab.lab.objective import training_forward
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 from routelab.routers.base import end_of_step
 from routelab.routers.hashing import HashSelector
@@ -378,7 +379,7 @@ def train_run(
             for micro in range(train_config.grad_accum):
                 batch = sampler.batch(step, micro)
                 with autocast(precision):
-                    out = model(batch.inputs, batch.targets)
+                    out = training_forward(model, batch, seed=train_config.seed, step=step, micro=micro)
                 if not torch.isfinite(out.loss):
                     raise RoutelabError(
                         f"the training loss became {float(out.loss)} at step {step} ({label}); lower lr "
