@@ -118,7 +118,8 @@ class Runner:
         settings = self.settings(spec)
         folder = self.folder(spec)
         folder.mkdir(parents=True, exist_ok=True)
-        info = {"arm": spec.arm, "steps": spec.steps, "seed": spec.seed, "budget": self.budget.name, **settings}
+        info = {"arm": spec.arm, "steps": spec.steps, "seed": spec.seed, "budget": self.budget.name,
+                **{k: v for k, v in settings.items() if k != "identity"}}
         (folder / RUN_INFO).write_text(json.dumps(info, indent=1, default=str))
         model = ModelSettings(**settings["model"])
         model_config = model.tinylm(vocab_size=self.corpus.vocab_size, max_seq_len=settings["train"]["seq_len"],

@@ -2,9 +2,9 @@
 
 An *arm* is a router with its options and model overrides (``objective``, shared
 experts). A run is an arm trained under a budget for some steps with one seed; its folder
-is ``<out>/<hash>`` where the hash covers every setting that reaches training (router,
-options, model, train schedule with steps and seed, corpus settings and the prepared
-corpus's content hash). Claims that need the same run therefore share it: it is trained
+is ``<out>/<hash>`` where the hash covers every setting that reaches training and differs
+from the library default (router, options, model, train schedule with steps and seed,
+corpus settings) and the prepared corpus's content hash. Claims that need the same run therefore share it: it is trained
 once, and a finished folder is never trained again. Partial runs resume from their last
 checkpoint (``routelab.lab.train.train_run`` with ``resume=True``).
 """
@@ -88,12 +88,19 @@ def resolved_settings(spec: RunSpec, budget: Budget, corpus_overrides: dict[str,
     train["eval_every"] = max(1, min(train.get("eval_every", spec.steps), spec.steps))
     train = validated(TrainConfig, train, f"training of {spec.label}")
     corpus = validated(CorpusSettings, {**budget.corpus, **(corpus_overrides or {})}, "corpus settings")
+    identity = {"router": arm.router, "options": dict(arm.options), "model": model.model_dump(exclude_defaults=True),
+                "train": train.model_dump(exclude_defaults=True), "corpus": corpus.model_dump(exclude_defaults=True)}
     return {"router": arm.router, "options": dict(arm.options), "model": model.model_dump(),
-            "train": train.model_dump(), "corpus": corpus.model_dump()}
+            "train": train.model_dump(), "corpus": corpus.model_dump(), "identity": identity}
 
 
 def run_hash(settings: dict[str, Any], corpus_content_hash: str) -> str:
-    text = json.dumps({**settings, "corpus_content_hash": corpus_content_hash}, sort_keys=True, default=str)
+    """Hash of the settings that differ from the library defaults, and of the corpus content.
+
+    Defaults stay out of the hash so that a settings field added later (with a default that
+    keeps the old behaviour) does not orphan finished runs; ``train_run`` still refuses to
+    resume a partial run whose full settings changed."""
+    text = json.dumps({**settings["identity"], "corpus_content_hash": corpus_content_hash}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
