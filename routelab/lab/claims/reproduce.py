@@ -31,11 +31,16 @@ from routelab.lab.train import RunFiles, train_run
 
 def claim_order(claims: Sequence[Claim]) -> list[Claim]:
     """Claims in training order: repeatedly the one that needs the fewest arms not yet
-    trained (registry order on ties), so that an interrupted reproduction has completed as
-    many claims as possible."""
+    trained, on ties the one whose new arms serve the most other claims (then registry
+    order), so that an interrupted reproduction has completed as many claims as possible."""
     remaining, order, trained = list(claims), [], set()
+
+    def cost(claim: Claim) -> tuple[int, int]:
+        new = set(claim.arms) - trained
+        return len(new), -sum(1 for other in claims if other is not claim and new & set(other.arms))
+
     while remaining:
-        cheapest = min(remaining, key=lambda c: len(set(c.arms) - trained))
+        cheapest = min(remaining, key=cost)
         order.append(cheapest)
         trained |= set(cheapest.arms)
         remaining.remove(cheapest)
