@@ -11,7 +11,13 @@ from tests.lab_helpers import TINY_MODEL, small_corpus, tiny_train
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.lab.train import train_run
-from routelab.models.masked_diffusion import MASK_EPS, generator_for, mask_tokens, masked_diffusion_forward, token_losses
+from routelab.models.masked_diffusion import (
+    MASK_EPS,
+    generator_for,
+    mask_tokens,
+    masked_diffusion_forward,
+    token_losses,
+)
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 
 

@@ -49,7 +49,7 @@ def reproduce_command(
     no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the budget-sweep runs."),
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
-    threads: str = typer.Option("auto", "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle now)."),
+    threads: str = typer.Option("auto", "--threads", help="Intra-op threads: a number, or 'auto' (idle cores)."),
 ) -> None:
     """Re-measure a claim (or all): train the runs it needs once (resumable), judge it, write the table."""
     from routelab.lab.claims import get_budget, get_claims, reproduce

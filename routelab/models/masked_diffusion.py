@@ -52,7 +52,9 @@ def mask_tokens(
     return xt_BS, masked_BS, p_B
 
 
-def token_losses(logits_BSV: torch.Tensor, x0_BS: torch.Tensor, masked_BS: torch.Tensor, p_B: torch.Tensor) -> torch.Tensor:
+def token_losses(
+    logits_BSV: torch.Tensor, x0_BS: torch.Tensor, masked_BS: torch.Tensor, p_B: torch.Tensor
+) -> torch.Tensor:
     """``[B, S]`` ELBO terms: ``-log p(x0 | x_t) / p_b`` at masked positions, 0 elsewhere.
 
     Their mean over all positions is the diffusion loss (an NLL bound in nats per token).
@@ -67,7 +69,8 @@ def masked_diffusion_forward(model: torch.nn.Module, x0_BS: torch.Tensor, genera
     per-position loss terms."""
     config = model.config
     if config.mask_token_id is None:
-        raise ConfigError("masked diffusion needs a TinyLM with objective='masked-diffusion' (bidirectional, with a mask token).")
+        raise ConfigError("masked diffusion needs a TinyLM with objective='masked-diffusion' "
+                          "(bidirectional, with a mask token).")
     xt_BS, masked_BS, p_B = mask_tokens(x0_BS, config.mask_token_id, generator)
     out = model(xt_BS, timestep=p_B)
     terms_BS = token_losses(out.logits, x0_BS, masked_BS, p_B)

@@ -41,8 +41,8 @@ def cache_knee(record: RunRecord) -> float | None:
     experts = trace.num_experts
     if 2 * k >= experts:
         return None
-    curves = [c for c in segment_cache_hit_rates(trace, future_lens=[16], baselines=[], level="layer", sequence_stride=1)
-              if c.policy == "sch"]
+    curves = segment_cache_hit_rates(trace, future_lens=[16], baselines=[], level="layer", sequence_stride=1)
+    curves = [c for c in curves if c.policy == "sch"]
     at = lambda size: float(np.mean([c.at(size) for c in curves]))  # noqa: E731
     return (at(2 * k) - at(k)) / k - (at(experts) - at(2 * k)) / (experts - 2 * k)
 

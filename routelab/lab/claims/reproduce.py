@@ -135,9 +135,8 @@ class Runner:
     def measures(self, spec: RunSpec) -> dict[str, Any] | None:
         if spec not in self._measures:
             folder = self.folder(spec)
-            self._measures[spec] = (
-                run_measures(folder, spec.arm, get_arm(spec.arm).router, spec.seed) if RunFiles(folder).finished() else None
-            )
+            finished = RunFiles(folder).finished()
+            self._measures[spec] = run_measures(folder, spec.arm, get_arm(spec.arm).router, spec.seed) if finished else None
         return self._measures[spec]
 
 
@@ -217,7 +216,8 @@ def reproduce(
             runner.train(spec, console, show_progress)
             trained += 1
     train_time = time.perf_counter() - train_start
-    rows = [evaluate_check(runner, claim, check, budget.steps, budget.seeds) for claim in claims for check in claim.checks]
+    rows = [evaluate_check(runner, claim, check, budget.steps, budget.seeds)
+            for claim in claims for check in claim.checks]
     sweep_rows = [
         evaluate_check(runner, claim, check, steps, budget.seeds)
         for claim in claims for check in claim.checks if check.sweep and sweep for steps in budget.sweep_steps

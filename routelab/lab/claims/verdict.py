@@ -19,7 +19,8 @@ baseline, or arm minus threshold), ``n`` seeds, mean ``d`` and standard error
 
 A claim with several checks is reproduced when all are, not reproduced when any is not,
 not yet run while a check lacks its runs, not measurable when a check's metric is undefined
-for these runs (e.g. a cache-size knee with too few experts), else inconclusive. With fewer than two seeds nothing can be concluded.
+for these runs (e.g. a cache-size knee with too few experts), else inconclusive. With fewer
+than two seeds nothing can be concluded.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def _side(low: float, high: float, claimed_negative: bool) -> str:
     return REPRODUCED if low > 0 else NOT_REPRODUCED if high <= 0 else INCONCLUSIVE
 
 
-def judge(kind: str, arm: Sequence[float], reference: Sequence[float] | float, margin: float | None = None) -> CheckResult:
+def judge(
+    kind: str, arm: Sequence[float], reference: Sequence[float] | float, margin: float | None = None
+) -> CheckResult:
     """Judge one check. ``reference`` is the baseline's per-seed values (paired with ``arm``)
     or, for ``below``/``above``, the threshold."""
     if kind not in KINDS:
