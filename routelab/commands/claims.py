@@ -59,8 +59,13 @@ def reproduce_command(
     get_claims(claim)
     apply_threads(threads)
     start = time.perf_counter()
-    result = reproduce(claim, budget, out=out, corpus_source=corpus, cache_dir=cache_dir, train=not no_train,
-                       sweep=not no_sweep, report=report, console=err_console, show_progress=not no_progress)
+    try:
+        result = reproduce(claim, budget, out=out, corpus_source=corpus, cache_dir=cache_dir, train=not no_train,
+                           sweep=not no_sweep, report=report, console=err_console, show_progress=not no_progress)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]stopped; finished runs are kept and the current one has a checkpoint: run the "
+                          "same command again to continue.[/]")
+        raise typer.Exit(130) from None
     console = output_console()
     console.print(summary_table(result))
     for item in result.claims:
