@@ -14,6 +14,7 @@ Every column of ``routelab compare`` (``routelab.lab.run_metrics``: ``val_loss``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def run_measures(folder: str | Path, arm: str, router: str, seed: int) -> dict[s
     metrics: dict[str, Any] = dict(run_columns(record))
     metrics["max_vio_first10"] = max_vio_first_steps(record)
     metrics["cache_knee"] = cache_knee(record)
-    tmp = cache.with_name(f".{cache.name}.tmp")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # another reproduce may render at the same time
     tmp.write_text(json.dumps({"version": MEASURES_VERSION, "metrics": metrics}, indent=1))
     tmp.replace(cache)
     return metrics
