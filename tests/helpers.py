@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import routelab
-from routelab.routers.base import RoutingDraft, Scorer
+from routelab.routers.parts.router import RoutingDraft, Scorer
 from routelab.routers.registry import PRESETS, PresetInfo
 
 ALL_PRESETS = [info.name for info in PRESETS]

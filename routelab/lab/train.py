@@ -51,8 +51,8 @@ from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_sl
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.lab.objective import training_forward
 from routelab.models.tinylm import TinyLM, TinyLMConfig
-from routelab.routers.base import end_of_step
-from routelab.routers.hashing import HashSelector
+from routelab.routers.parts.router import end_of_step
+from routelab.routers.families.fixed import HashSelector
 
 STEP_STATS = ("max_vio", "cv", "dead_experts", "drop_rate", "active_experts_per_token")
 

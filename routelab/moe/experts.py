@@ -87,7 +87,7 @@ class BatchedExperts(nn.Module):
     def gate_projection(self) -> torch.Tensor:
         """``[E, D, H]``: the projection whose activation gates each hidden unit (the SwiGLU
         gate half, or the whole input projection of a GELU/ReLU expert). Router parts that
-        read expert weights (ERC loss, MoE-X) use it; see ``routelab.routers.expert_access``."""
+        read expert weights (ERC loss, MoE-X) use it; see ``routelab.routers.parts.expert_access``."""
         return self.w_in_EDH[..., : self.d_hidden]
 
     def grouped_mm_supported(self, dtype: torch.dtype) -> bool:

@@ -18,10 +18,10 @@ from routelab.core.routing import Routing
 from routelab.core.validation import check_activations, check_positive_int, check_token_tensor
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts, DenseFFN
-from routelab.routers.base import Router
-from routelab.routers.expert_access import attach_experts
+from routelab.routers.parts.router import Router
+from routelab.routers.parts.expert_access import attach_experts
 from routelab.routers.registry import create_router
-from routelab.routers.soft_routing import SOFT_LAYER_PRESETS
+from routelab.routers.families.soft import SOFT_LAYER_PRESETS
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MoE(nn.Module):
         **router_options: options of the preset (e.g. ``capacity_factor``, ``z_loss_coef``).
 
     Router parts that read expert weights (ERC loss, MoE-X) get the experts through
-    ``routelab.routers.expert_access.attach_experts``, called here. ``router="soft-moe"``
+    ``routelab.routers.parts.expert_access.attach_experts``, called here. ``router="soft-moe"``
     (or a ``SoftRouter``) makes ``MoE(...)`` return a ``routelab.moe.SoftMoE``, whose
     slots are soft combinations of tokens (see ``__new__``).
     """

@@ -11,7 +11,7 @@ arXiv 2308.00951): experts process *slots*, soft combinations of a sequence's to
 4. combine ``C = softmax over slots`` of each token row; ``y = C f(x~)``.
 
 Padding tokens get no dispatch weight and a zero output. ``MoEOutput.routing`` holds the
-combine mass of every token on every expert (see ``routelab.routers.soft_routing``).
+combine mass of every token on every expert (see ``routelab.routers.families.soft``).
 Dispatch is non-causal within a sequence.
 """
 
@@ -24,8 +24,8 @@ import torch
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.moe.layer import MoE, MoEOutput
-from routelab.routers.layout import to_padded
-from routelab.routers.soft_routing import SoftRouter, soft_dispatch_weights
+from routelab.routers.parts.layout import to_padded
+from routelab.routers.families.soft import SoftRouter, soft_dispatch_weights
 
 
 class SoftMoE(MoE):

@@ -1,7 +1,7 @@
-"""Routers: parts (scorers, score functions, selectors, balancers, losses) and presets."""
+"""Routers: the generic pipeline (``parts``), one module per paper family (``families``) and the registry."""
 
-from routelab.routers import presets as _presets  # noqa: F401  (registers the presets)
-from routelab.routers.base import Router, RoutingDraft, end_of_step
+from routelab.routers import families as _families  # noqa: F401  (registers the presets)
+from routelab.routers.parts.router import Router, RoutingDraft, end_of_step
 from routelab.routers.registry import CommonOptions, create_router, list_routers, preset_info, register_preset
 
 __all__ = [

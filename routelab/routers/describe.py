@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from routelab.routers.base import Router
+from routelab.routers.parts.router import Router
 from routelab.routers.registry import PRESETS, PresetInfo, create_router
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from routelab.core.errors import ConfigError, suggest
 from routelab.core.registry import Registry
 from routelab.core.validation import check_capacity_factor, check_choice, check_non_negative, check_positive_int, check_top_k
-from routelab.routers.base import Router
-from routelab.routers.capacity import DROP_POLICIES
+from routelab.routers.parts.router import Router
+from routelab.routers.parts.capacity import DROP_POLICIES
 
 
 @dataclass(frozen=True)

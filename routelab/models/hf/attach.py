@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from routelab.core.errors import ConfigError
-from routelab.routers.base import Router
+from routelab.routers.parts.router import Router
 from routelab.models.hf.context import SequenceCounter, forward_tokens_from_call
 from routelab.models.hf.observe import LoadCounter, RouterCall, RouterObserver
 from routelab.models.hf.registry import Architecture, architecture_of

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.routers.balancers import LossFreeBias
-from routelab.routers.base import Balancer, Router, RoutingDraft, Scorer, Selector
-from routelab.routers.gates import GateNorm
+from routelab.routers.parts.balancers import LossFreeBias
+from routelab.routers.parts.router import Balancer, Router, RoutingDraft, Scorer, Selector
+from routelab.routers.parts.gates import GateNorm
 from routelab.routers.registry import create_router
-from routelab.routers.score_functions import Sigmoid, Softmax
-from routelab.routers.scorers import LinearScorer, NoisyLinearScorer
-from routelab.routers.selectors import GroupLimitedTopK, TopK
+from routelab.routers.parts.score_functions import Sigmoid, Softmax
+from routelab.routers.parts.scorers import LinearScorer, NoisyLinearScorer
+from routelab.routers.parts.selectors import GroupLimitedTopK, TopK
 from routelab.models.hf.context import ForwardTokens, single_sequence_tokens
 from routelab.models.hf.registry import Architecture
 
