@@ -10,7 +10,7 @@ from routelab.lab.claims.reproduce import claim_order
 from routelab.lab.claims.runs import ARMS, RunSpec, resolved_settings, run_hash
 from routelab.lab.claims.verdict import KINDS
 from routelab.lab.run_metrics import RUN_METRICS
-from routelab.routers.registry import list_routers
+from routelab import list_routers
 
 EXTRA_METRICS = {"max_vio_first10", "cache_knee"}
 COMPARE_COLUMNS = {"val_loss", "val_ppl", "max_vio_avg", "max_vio_final", "cv_final", "active_experts_per_token",
