@@ -78,6 +78,10 @@ def render_markdown(result: Reproduction, runner: Runner) -> str:
     for row in result.rows:
         lines.append(f"| {row.check.label} | {row.check.statement} | {row.check.paper} | {ours(row)} | "
                      f"{difference(row)} | {VERDICT_MARK.get(row.verdict, row.verdict)} |")
+    if result.seed_noise is not None:
+        sigma, dof, arms = result.seed_noise
+        lines += ["", f"Seed noise: the validation loss of one run varies across seeds with a standard deviation of "
+                  f"{sigma:.4f} nats (pooled over {arms} arms, {dof} degrees of freedom)."]
     notes = [(c.id, c.note) for c in result.claims if c.note]
     if notes:
         lines += ["", "Notes:", ""] + [f"- claim {cid}: {note}" for cid, note in notes]

@@ -10,9 +10,10 @@ checkpoint. ``train=False`` only renders the table from the runs finished so far
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ class Reproduction:
     train_time_s: float
     report: Path | None = None
     selector: str = "all"
-    notes: list[str] = field(default_factory=list)
+    seed_noise: tuple[float, int, int] | None = None  # pooled val-loss std over seeds, its dof, the arms pooled
 
     def claim_verdict(self, claim: Claim) -> str:
         return combine([r.verdict for r in self.rows if r.claim is claim])
@@ -169,6 +170,20 @@ def evaluate_check(runner: Runner, claim: Claim, check: Check, steps: int, seeds
     return row
 
 
+def seed_noise(runner: Runner, claims: Sequence[Claim]) -> tuple[float, int, int] | None:
+    """Std of one run's validation loss across seeds, pooled over the arms whose main runs
+    have finished for every seed: ``(sigma, degrees of freedom, arms)``."""
+    budget = runner.budget
+    total, dof, arms = 0.0, 0, 0
+    for arm in dict.fromkeys(a for c in claims for a in c.arms):
+        values = [m.get("val_loss") for m in (runner.measures(RunSpec(arm, budget.steps, s)) for s in budget.seeds) if m]
+        if len(values) == len(budget.seeds) >= 2 and all(v is not None for v in values):
+            total += float(np.var(values, ddof=1)) * (len(values) - 1)
+            dof += len(values) - 1
+            arms += 1
+    return (math.sqrt(total / dof), dof, arms) if dof else None
+
+
 def reproduce(
     selector: str = "all",
     budget_name: str = "default",
@@ -223,7 +238,8 @@ def reproduce(
         for claim in claims for check in claim.checks if check.sweep and sweep for steps in budget.sweep_steps
     ]
     result = Reproduction(budget, claims, rows, sweep_rows, len(specs), sum(runner.finished(s) for s in specs), trained,
-                          time.perf_counter() - start, train_time, selector=selector)
+                          time.perf_counter() - start, train_time, selector=selector,
+                          seed_noise=seed_noise(runner, claims))
     from routelab.lab.claims.report import write_report
 
     path = Path(report) if report is not None else out / f"claims-{budget.name}.md"

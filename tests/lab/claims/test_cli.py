@@ -4,6 +4,7 @@ runs are trained once and reused, re-running trains nothing, bad input is one er
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from tests.lab_helpers import write_corpus
@@ -47,6 +48,13 @@ def test_reproduce_all_at_the_smoke_budget(corpus_dir, tmp_path):
             assert f"| {check.label} |" in report
     assert "## Budget sweep" in report and "not yet run" not in report
     assert "prediction" in report
+    by_arm: dict[str, list[float]] = {}
+    for p in folders:
+        info = json.loads((p / "claim_run.json").read_text())
+        if info["steps"] == get_budget("smoke").steps:
+            by_arm.setdefault(info["arm"], []).append(json.loads((p / "claim_metrics.json").read_text())["metrics"]["val_loss"])
+    sigma = statistics.fmean(statistics.variance(v) for v in by_arm.values()) ** 0.5  # 2 seeds each: 1 dof per arm
+    assert f"standard deviation of {sigma:.4f} nats (pooled over {len(by_arm)} arms" in report
     diffusion = next(p for p in folders if json.loads((p / "claim_run.json").read_text())["arm"] == "dlm-ec")
     assert json.loads((diffusion / "config.json").read_text())["model_config"]["objective"] == "masked-diffusion"
 
