@@ -8,6 +8,7 @@ from routelab.core import ConfigError, InputError, Routing, RoutelabError, Routi
 from routelab.core.cpu_allocator import tune_cpu_allocator
 from routelab.moe import MoE, MoEOutput
 from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
+from routelab.routers.replay import RoutingRecord, record_routing, replay_routing
 from routelab.traces import Trace
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "MoEOutput",
     "Router",
     "Routing",
+    "RoutingRecord",
     "RoutelabError",
     "RoutingContext",
     "TokenBatch",
@@ -27,6 +29,8 @@ __all__ = [
     "end_of_step",
     "list_routers",
     "preset_info",
+    "record_routing",
+    "replay_routing",
     "tune_cpu_allocator",
 ]
 

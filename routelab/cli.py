@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "routelab.commands.lab",
     "routelab.commands.diagnostics",
     "routelab.commands.hf",
+    "routelab.commands.queries",
     "routelab.commands.claims",
 )
 

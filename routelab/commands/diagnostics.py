@@ -122,6 +122,7 @@ def trace_command(
             "seq_len": seq_len,
             "moe_layers": source.layer_names,
             "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+            **_expert_size(model, source.num_experts),
         }
         if entries is not None:
             metadata.update(corpus=corpus_description(entries), domain_names=[e.domain for e in entries])
@@ -171,6 +172,15 @@ def analyze_command(
     console.print(f"report: {report}")
 
 
+def _expert_size(model: Any, num_experts: int) -> dict[str, Any]:
+    """Expert size metadata of the first experts module of a lab model (none for a dense model)."""
+    from routelab.moe.experts import BatchedExperts
+    from routelab.systems.expert_size import expert_size_metadata
+
+    experts = next((m for m in model.modules() if isinstance(m, BatchedExperts)), None)
+    return expert_size_metadata(experts, num_experts) if experts is not None else {}
+
+
 def simulate_cache_command(
     trace_path: Path = typer.Argument(..., help="Trace directory."),
     sizes: str | None = typer.Option(None, "--sizes", help="Cache sizes in experts per layer (default k,2k,4k,..,E)."),
@@ -181,7 +191,9 @@ def simulate_cache_command(
     prefetch_width: int | None = typer.Option(
         None, "--prefetch-width", help="Experts prefetched per layer (default k)."
     ),
-    expert_mb: float = typer.Option(3 * 4096 * 14336 * 2 / 1e6, "--expert-mb", help="Expert size in MB."),
+    expert_mb: float | None = typer.Option(
+        None, "--expert-mb", help="Expert size in MB (default: from the trace metadata, else a Mixtral expert, 352 MB)."
+    ),
     bandwidth_gbs: float = typer.Option(25.0, "--bandwidth-gbs", help="Host-to-device bandwidth, GB/s."),
     compute_ms: float = typer.Option(0.5, "--compute-ms", help="Compute per token and expert, ms."),
     reset_per_sequence: bool = typer.Option(False, "--reset-per-sequence", help="Empty caches at each sequence."),
@@ -191,10 +203,12 @@ def simulate_cache_command(
     """Replay a trace against expert caches: hit rate, bytes moved and latency per policy and size."""
     console = Console()
     from routelab.systems.cache import BandwidthModel, simulate_cache
+    from routelab.systems.expert_size import resolve_expert_size
 
     try:
         trace = _open_trace(trace_path, max_tokens)
-        model = BandwidthModel(expert_bytes=expert_mb * 1e6, bandwidth=bandwidth_gbs * 1e9,
+        size = resolve_expert_size(expert_mb, trace.metadata)
+        model = BandwidthModel(expert_bytes=size.bytes, bandwidth=bandwidth_gbs * 1e9,
                                expert_compute_s=compute_ms / 1e3)
         sweep = simulate_cache(
             trace, cache_sizes=_ints(sizes, "--sizes") if sizes else None,
@@ -203,6 +217,7 @@ def simulate_cache_command(
         )
     except RoutelabError as err:
         _fail(err)
+    console.print(f"expert size: {size.bytes / 1e6:.3g} MB, from {size.source}")
     table = Table(title=f"expert cache ({scope}), {sweep.tokens} tokens x {sweep.num_layers} layers")
     for col in ("policy", "C", "hit rate", "loads", "GB moved", "prefetch loads", "prefetch GB", "ms/token"):
         table.add_column(col, justify="right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from routelab.routers.parts.router import Router
+from routelab.routers.references import reference_agreement
 from routelab.routers.registry import PRESETS, PresetInfo, create_router
 
 
@@ -45,6 +46,7 @@ def preset_row(info: PresetInfo, d_model: int = 64, num_experts: int = 8) -> dic
         "parts": "; ".join(f"{k}: {v}" for k, v in parts.items() if v != "-"),
         "defaults": f"top_k={info.default_top_k}; " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()),
         "exemptions": "; ".join(f"{k}: {v}" for k, v in info.exemptions.items()) or "-",
+        "reference": reference_agreement(info.name),
     }
 
 
@@ -52,12 +54,12 @@ def presets_markdown() -> str:
     """A markdown table with one row per registered preset."""
     lines = [
         "| preset | paper | parts (built with E=8) | defaults and own options (besides the common ones) "
-        "| property exemptions |",
-        "|---|---|---|---|---|",
+        "| property exemptions | agrees with (tolerance, test) |",
+        "|---|---|---|---|---|---|",
     ]
     for info in PRESETS:
         row = preset_row(info)
-        cells = [f"`{row['name']}`", row["paper"], row["parts"], row["defaults"], row["exemptions"]]
+        cells = [f"`{row['name']}`", row["paper"], row["parts"], row["defaults"], row["exemptions"], row["reference"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -42,7 +42,8 @@ class CommonOptions:
         jitter_eps: multiplicative input jitter in training (Switch; 0 = off).
         capacity_factor: token-dropping capacity factor; None = dropless. Expert-choice
             presets use it as their per-group capacity factor instead.
-        drop_policy: ``probs`` or ``position`` (which assignments are kept under capacity).
+        drop_policy: ``probs``, ``position`` or ``choice_then_position`` (which assignments are
+            kept under capacity; see ``routelab.routers.parts.capacity``).
         router_init_std: std of the router weight initialisation.
     """
 
@@ -195,6 +196,11 @@ def create_router(
     common = CommonOptions(**common_kwargs).validate()
     router = info.builder(RouterSpec(d_model, num_experts, top_k), common, **specific_kwargs)
     router.name = name
+    from routelab.routers.option_use import check_common_options_used
+
+    preset_defaults = dataclasses.asdict(CommonOptions(**info.common_defaults))
+    given = {key: value for key, value in overrides.items() if key in COMMON_OPTION_NAMES}
+    check_common_options_used(name, router, given, preset_defaults)
     return router
 
 

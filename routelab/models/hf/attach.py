@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from routelab.core.errors import ConfigError
 from routelab.routers.parts.router import Router
-from routelab.models.hf.context import SequenceCounter, forward_tokens_from_call
+from routelab.models.hf.context import ForwardLayout, SequenceCounter, forward_tokens_from_call
 from routelab.models.hf.observe import LoadCounter, RouterCall, RouterObserver
 from routelab.models.hf.registry import Architecture, architecture_of
 from routelab.models.hf.routers import (
@@ -114,6 +114,7 @@ class RoutingHandle:
             self._observers.append(self._load)
         base = getattr(model, "base_model", model)
         self._base = base
+        self._layout = ForwardLayout.of(base.forward)  # refuses a forward whose arguments it cannot read
         self._model_hooks = [
             base.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
             base.register_forward_hook(self._on_forward_end),
@@ -193,7 +194,7 @@ class RoutingHandle:
         return stats
 
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._state.tokens = forward_tokens_from_call(module.forward, args, kwargs, self._counter)
+        self._state.tokens = forward_tokens_from_call(self._layout, args, kwargs, self._counter)
         self._pending = []
         self._in_forward = True
         for layer in self._layers:

@@ -2,7 +2,8 @@
 
 A transformers router sees ``[batch*seq, D]`` rows that include padding and knows
 nothing of sequences. A forward pre-hook on the base model reads the batch layout
-(``input_ids`` / ``inputs_embeds``, the 2-D ``attention_mask`` and the cache length)
+(``input_ids`` / ``inputs_embeds``, the 2-D ``attention_mask`` and the cache length,
+read by role whatever the installed transformers calls them: ``ForwardLayout``)
 once per model forward and builds a ``ForwardTokens``: the real tokens in (batch,
 position) order with their sequence ids, positions and token ids. Routers and
 observers of that forward read it from the handle.
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from routelab.core.context import TokenBatch
-from routelab.core.errors import InputError
+from routelab.core.errors import ConfigError, InputError
 
 
 @dataclass
@@ -94,30 +95,114 @@ class SequenceCounter:
         return ids
 
 
-def _bound_arguments(forward: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    if not args:
-        return kwargs
-    try:
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-    except TypeError:
-        return kwargs
-    return dict(bound.arguments) | bound.arguments.get("kwargs", {})
+# The role of each base-model forward argument routelab reads, and its spellings across
+# transformers releases (newest first): 5.24 renamed ``past_key_values`` to ``cache`` and
+# still accepts the old names through a deprecation shim.
+ARGUMENT_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "input_ids": ("input_ids",),
+    "inputs_embeds": ("inputs_embeds",),
+    "attention_mask": ("attention_mask",),
+    "cache": ("cache", "past_key_values", "cache_params"),
+}
 
 
-def _past_length(past_key_values: Any) -> int:
-    if past_key_values is None:
+def _is_cache(value: Any) -> bool:
+    return callable(getattr(value, "get_seq_length", None))
+
+
+@dataclass(frozen=True)
+class ForwardLayout:
+    """Which parameter of a base model's ``forward`` plays each role routelab reads.
+
+    Built once from the forward's signature (``ForwardLayout.of``); ``read`` then picks the
+    arguments of one call by role, whichever of the known spellings the caller used.
+
+    Attributes:
+        owner: the forward's qualified name, for error messages.
+        parameters: the forward's parameter names in order (``*args``/``**kwargs`` excluded).
+        accepts_kwargs: whether the forward takes ``**kwargs`` (where old spellings may arrive).
+    """
+
+    owner: str
+    parameters: tuple[str, ...]
+    accepts_kwargs: bool
+
+    @classmethod
+    def of(cls, forward: Any) -> ForwardLayout:
+        """Read the layout of ``forward``; a ``ConfigError`` when a role has no parameter."""
+        owner = getattr(forward, "__qualname__", type(forward).__name__)
+        try:
+            signature = inspect.signature(forward)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"cannot read the signature of {owner}: {error}; routelab cannot attach to it.") from None
+        kinds = inspect.Parameter
+        parameters = tuple(
+            name for name, p in signature.parameters.items() if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+        )
+        missing = [
+            f"{role} (one of {', '.join(spellings)})"
+            for role, spellings in ARGUMENT_SPELLINGS.items()
+            if not any(name in parameters for name in spellings)
+        ]
+        if missing:
+            raise ConfigError(
+                f"cannot read the token layout of {owner}{signature}: no parameter for {'; '.join(missing)}. "
+                "routelab knows the transformers releases allowed by its pyproject.toml; install one of them "
+                "(the tested versions are in requirements/lock.txt)."
+            )
+        accepts_kwargs = any(p.kind is kinds.VAR_KEYWORD for p in signature.parameters.values())
+        return cls(owner, parameters, accepts_kwargs)
+
+    def read(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The arguments of one call by role (None where not given).
+
+        Raises ``InputError`` when two spellings of one role are both given, when there are
+        more positional arguments than parameters, or when a KV cache arrives under a name
+        routelab does not know (it would otherwise take every decoding step for a new batch).
+        """
+        if len(args) > len(self.parameters):
+            raise InputError(
+                f"{self.owner} got {len(args)} positional arguments; routelab can read at most "
+                f"{len(self.parameters)} ({', '.join(self.parameters)}). Pass the inputs by name."
+            )
+        call = dict(zip(self.parameters, args))
+        for name, value in kwargs.items():
+            if name in call:
+                raise InputError(f"{self.owner} got {name!r} both by position and by name.")
+            call[name] = value
+        known = {name for spellings in ARGUMENT_SPELLINGS.values() for name in spellings}
+        by_role: dict[str, Any] = {}
+        for role, spellings in ARGUMENT_SPELLINGS.items():
+            given = [name for name in spellings if call.get(name) is not None]
+            if len(given) > 1:
+                raise InputError(f"{self.owner} got both {given[0]!r} and {given[1]!r}; pass only {given[0]!r}.")
+            by_role[role] = call[given[0]] if given else None
+        for name, value in call.items():
+            if name not in known and _is_cache(value):
+                raise InputError(
+                    f"{self.owner} got a KV cache as {name!r}, a name routelab does not know (it reads the cache "
+                    f"as one of {', '.join(ARGUMENT_SPELLINGS['cache'])}); install a transformers release allowed "
+                    "by routelab's pyproject.toml."
+                )
+        return by_role
+
+
+def _past_length(cache: Any) -> int:
+    if cache is None:
         return 0
-    get_length = getattr(past_key_values, "get_seq_length", None)
-    return int(get_length()) if callable(get_length) else 0
+    if not _is_cache(cache):
+        raise InputError(
+            f"the KV cache is a {type(cache).__name__} without get_seq_length(); routelab needs a transformers "
+            "Cache object to tell continued sequences from new ones."
+        )
+    return int(cache.get_seq_length())
 
 
-def forward_tokens_from_call(
-    forward: Any, args: tuple, kwargs: dict, counter: SequenceCounter
-) -> ForwardTokens | None:
-    """Build the ``ForwardTokens`` of a base-model call, or None if its layout cannot be read."""
-    call = _bound_arguments(forward, args, kwargs)
-    input_ids = call.get("input_ids")
-    inputs_embeds = call.get("inputs_embeds")
+def forward_tokens_from_call(layout: ForwardLayout, args: tuple, kwargs: dict, counter: SequenceCounter) -> ForwardTokens:
+    """Build the ``ForwardTokens`` of a base-model call; an ``InputError`` if its layout cannot be read."""
+    call = layout.read(args, kwargs)
+    input_ids = call["input_ids"]
+    inputs_embeds = call["inputs_embeds"]
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         batch_size, seq_len = input_ids.shape
         device = input_ids.device
@@ -126,8 +211,12 @@ def forward_tokens_from_call(
         device = inputs_embeds.device
         input_ids = None
     else:
-        return None
-    past = _past_length(call.get("past_key_values"))
+        raise InputError(
+            f"{layout.owner} needs input_ids [batch, seq] or inputs_embeds [batch, seq, hidden] while routelab is "
+            f"attached; got input_ids={getattr(input_ids, 'shape', input_ids)}, "
+            f"inputs_embeds={getattr(inputs_embeds, 'shape', inputs_embeds)}."
+        )
+    past = _past_length(call["cache"])
     attention_mask = call.get("attention_mask")
     mask_BS = None
     if attention_mask is not None:

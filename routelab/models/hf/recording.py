@@ -21,6 +21,7 @@ import torch
 from routelab.core.errors import ConfigError, InputError
 from routelab.models.hf.attach import RoutingHandle
 from routelab.models.hf.observe import RouterCall
+from routelab.systems.expert_size import expert_size_metadata
 from routelab.traces import LayerRoutes, TraceWriter
 
 
@@ -34,6 +35,9 @@ def trace_metadata(handle: RoutingHandle, **extra: Any) -> dict[str, Any]:
         "top_k": handle.top_k,
         "model_layers": handle.moe_layers,
     }
+    experts = getattr(handle.layer(handle.moe_layers[0]).block, "experts", None)
+    if isinstance(experts, torch.nn.Module):
+        metadata.update(expert_size_metadata(experts, handle.num_experts))
     metadata.update(extra)
     return metadata
 

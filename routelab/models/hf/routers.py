@@ -30,12 +30,12 @@ from torch import nn
 
 from routelab.core.errors import ConfigError, InputError
 from routelab.routers.parts.balancers import LossFreeBias
-from routelab.routers.parts.router import Balancer, Router, RoutingDraft, Scorer, Selector
+from routelab.routers.parts.router import Balancer, Router, RoutingDraft, Scorer, ScoreGatesSelector, Selector
 from routelab.routers.parts.gates import GateNorm
 from routelab.routers.registry import create_router
 from routelab.routers.parts.score_functions import Sigmoid, Softmax
 from routelab.routers.parts.scorers import LinearScorer, NoisyLinearScorer
-from routelab.routers.parts.selectors import GroupLimitedTopK, TopK
+from routelab.routers.parts.selectors import TopK
 from routelab.models.hf.context import ForwardTokens, single_sequence_tokens
 from routelab.models.hf.registry import Architecture
 
@@ -166,6 +166,12 @@ class LogitTopKSoftmax(Selector):
         gate_TK = torch.softmax(draft.logits_TE.gather(1, topk_idx_TK), dim=1)
         return topk_idx_TK, gate_TK
 
+    supports_replay = True
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        assert draft.logits_TE is not None
+        return torch.softmax(draft.logits_TE.gather(1, topk_idx_TK), dim=1)
+
 
 def add_logit_offset(router: Router, name: str, offset: torch.Tensor, *, trainable: bool = False) -> LogitOffset:
     """Add a named offset to the logits of ``router`` (wrapping its scorer once); returns it."""
@@ -251,14 +257,41 @@ def native_router(arch: Architecture, original: nn.Module) -> Router:
     return router.to(original.weight.device)
 
 
+class DeepseekV3NativeTopK(ScoreGatesSelector):
+    """DeepSeek-V3's group-limited top-k exactly as transformers' ``DeepseekV3TopkRouter``
+    computes it, slot order included.
+
+    Groups are scored by the sum of their top-2 biased scores; the ``topk_group`` best are
+    kept; the experts are the top-k of the biased scores in the kept groups. Both top-k
+    calls take ``sorted=False`` like transformers, so the k gates are summed in the same
+    order when renormalised and the outputs are bit-identical (a sorted selection sums them
+    in another order and differs in the last bit of the gates once ``k > 2``).
+    """
+
+    def __init__(self, num_experts: int, top_k: int, num_groups: int, kept_groups: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.num_groups, self.kept_groups = num_groups, kept_groups
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, num_groups={self.num_groups}, kept_groups={self.kept_groups}"
+
+    def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:
+        assert draft.selection_scores_TE is not None and draft.scores_TE is not None
+        choice_TE = draft.selection_scores_TE
+        group_size = self.num_experts // self.num_groups
+        group_score_TG = choice_TE.view(-1, self.num_groups, group_size).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx_TG = torch.topk(group_score_TG, k=self.kept_groups, dim=-1, sorted=False)[1]
+        keep_TG = torch.zeros_like(group_score_TG).scatter_(1, group_idx_TG, 1)
+        keep_TE = keep_TG.unsqueeze(-1).expand(-1, self.num_groups, group_size).reshape(-1, self.num_experts)
+        masked_TE = choice_TE.masked_fill(~keep_TE.bool(), float("-inf"))
+        topk_idx_TK = torch.topk(masked_TE, k=self.top_k, dim=-1, sorted=False)[1]
+        return topk_idx_TK, draft.scores_TE.gather(1, topk_idx_TK)
+
+
 def _deepseek_selector(original: nn.Module) -> Selector:
     num_experts, top_k = int(original.num_experts), int(original.top_k)
-    num_groups, kept_groups = int(original.num_group), int(original.topk_group)
-    if num_groups == 1:  # one group is always kept: plain top-k
-        return TopK(num_experts, top_k)
-    selector = GroupLimitedTopK(num_experts, top_k, num_groups, kept_groups)
-    selector.experts_per_group_score = 2  # transformers scores a group by the sum of its top-2 experts
-    return selector
+    return DeepseekV3NativeTopK(num_experts, top_k, int(original.num_group), int(original.topk_group))
 
 
 @dataclass(frozen=True)
@@ -299,6 +332,17 @@ def equivalent_preset(arch: Architecture, original: nn.Module) -> EquivalentPres
             return EquivalentPreset(
                 "deepseek-v3", options, False,
                 f"the preset scores a group by its top top_k//group_topk = {top_k // kept} experts, the model by its top 2.",
+            )
+        if top_k == 1:
+            return EquivalentPreset(
+                "deepseek-v3", options, False,
+                "the model renormalises a single gate to a constant; the preset keeps sigmoid(z) at top-1 (Megatron-Core).",
+            )
+        if top_k > 2:
+            return EquivalentPreset(
+                "deepseek-v3", options, False,
+                "the model's rule, but the preset sums the k > 2 gates in descending order and transformers in "
+                "topk(sorted=False) order: the gates can differ in the last bit (use native_router for bit-exactness).",
             )
         return EquivalentPreset("deepseek-v3", options, True, "sigmoid + pretrained bias + group-limited top-k + renorm x scaling: the model's rule.")
     renorm = bool(getattr(original, "norm_topk_prob", True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from routelab.core.validation import check_non_negative
 from routelab.routers.parts.balancers import LossFreeBias
 from routelab.routers.parts.router import Router
-from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
+from routelab.routers.parts.assembly import assemble_router, sigmoid_gate_mode, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.parts.score_functions import Sigmoid
 from routelab.routers.parts.selectors import GroupLimitedTopK, TopK
@@ -36,6 +36,7 @@ def build_deepseek_v3(
     bias_step_rule: str = "sign",
     bias_recenter: bool = False,
     bias_clamp: float = 0.0,
+    bias_counts: str = "after_drops",
 ) -> Router:
     """DeepSeek-V3 routing.
 
@@ -44,7 +45,12 @@ def build_deepseek_v3(
     scores); gates = ``s`` renormalised over the selection, times ``scaling_factor``.
     ``num_groups`` defaults to 8 when ``E`` is a multiple of 8 with at least 2 experts
     per group (V3: 256 experts, 8 groups, 4 kept) and to 1 (no group limit) otherwise;
-    ``group_topk`` defaults to half the groups.
+    ``group_topk`` defaults to half the groups. At ``top_k=1`` the gate is
+    ``sigmoid(z) * scaling_factor`` (Megatron-Core; one renormalised gate would be constant).
+    The sequence-wise balance loss counts the plain top-k of the unbiased scores, as the
+    paper (eq. 17-20) and Megatron-Core do, not the biased, group-limited selection.
+    With a capacity, the bias update counts the loads after drops (``bias_counts=
+    "after_drops"``, Megatron-Core's ``routing_map``) or before (``"before_drops"``).
     """
     groups = default_num_groups(spec.num_experts, spec.top_k) if num_groups is None else num_groups
     kept_groups = group_topk
@@ -60,7 +66,7 @@ def build_deepseek_v3(
         common,
         score_fn=Sigmoid(),
         selector=selector,
-        gate_mode="renorm",
+        gate_mode=sigmoid_gate_mode(spec.top_k),
         scaling_factor=check_non_negative("scaling_factor", scaling_factor),
         balancer=LossFreeBias(
             spec.num_experts,
@@ -68,7 +74,9 @@ def build_deepseek_v3(
             step_rule=bias_step_rule,
             recenter=bias_recenter,
             clamp=bias_clamp,
+            counts=bias_counts,
         ),
+        loss_counts="unbiased_topk",
     )
 
 
@@ -87,11 +95,14 @@ def build_loss_free(
     bias_step_rule: str = "sign",
     bias_recenter: bool = False,
     bias_clamp: float = 0.0,
+    bias_counts: str = "after_drops",
 ) -> Router:
     """Softmax top-k whose selection uses ``softmax(z) + b``; ``b`` follows the sign rule
     ``b_e += u * sign(mean(c) - c_e)`` once per optimizer step. Gates use the unbiased
     probabilities (renormalised for ``top_k > 1`` unless ``normalization`` says otherwise).
     The bias lives on the probability scale, so ``u = 1e-3`` matches the paper.
+    ``bias_counts`` and the balance losses (when switched on) follow Megatron-Core, as in
+    ``deepseek-v3``.
     """
     return assemble_router(
         spec,
@@ -103,5 +114,7 @@ def build_loss_free(
             step_rule=bias_step_rule,
             recenter=bias_recenter,
             clamp=bias_clamp,
+            counts=bias_counts,
         ),
+        loss_counts="unbiased_topk",
     )

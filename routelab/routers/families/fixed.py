@@ -45,6 +45,8 @@ def mix_hash(key: torch.Tensor, seed: int) -> torch.Tensor:
 class HashSelector(Selector):
     """Route each token by a fixed function of its token id (needs ``token_ids``)."""
 
+    constant_gates = True  # every selected expert gets 1/k
+
     def __init__(
         self,
         num_experts: int,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from routelab.core.validation import check_choice, check_non_negative
 from routelab.routers.parts.router import Router
 from routelab.routers.parts.losses import ImportanceLoss, LoadLoss
-from routelab.routers.parts.assembly import NORMALIZATIONS, assemble_router, softmax_gate_mode
+from routelab.routers.parts.assembly import NORMALIZATIONS, assemble_router, sigmoid_gate_mode, softmax_gate_mode
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
 from routelab.routers.parts.score_functions import Sigmoid
 from routelab.routers.parts.scorers import NoisyLinearScorer
 
-_POSITION_DROP = "with capacity and drop_policy='position', which tokens survive depends on their order"
+_POSITION_DROP = "with capacity and a position drop policy, which tokens survive depends on their order"
 
 
 @register_preset(
@@ -27,20 +27,24 @@ def build_switch(spec: RouterSpec, common: CommonOptions) -> Router:
 
 @register_preset(
     "gshard",
-    description="softmax top-2, renormalised, balance loss, capacity 1.0 with position drops",
+    description="softmax top-2, renormalised, first-choice balance loss, capacity 1.0, first choices kept first",
     paper="Lepikhin et al. 2020, GShard (arXiv 2006.16668)",
     default_top_k=2,
     min_top_k=2,
-    common_defaults={"aux_loss_coef": 1e-2, "capacity_factor": 1.0, "drop_policy": "position"},
+    common_defaults={"aux_loss_coef": 1e-2, "capacity_factor": 1.0, "drop_policy": "choice_then_position"},
     exemptions={"token_permutation": _POSITION_DROP},
 )
 def build_gshard(spec: RouterSpec, common: CommonOptions) -> Router:
-    """GShard: softmax top-2 with renormalised gates and expert capacity ``2T/E`` (cf=1 at k=2).
+    """GShard (Algorithm 1; fairseq ``top2gating``): softmax top-2 with renormalised gates
+    and expert capacity ``2T/E`` (cf=1 at k=2).
 
-    GShard's random second-expert dispatch is not reproduced; the second expert is
-    always taken.
+    Capacity is filled with every token's first choice before any second choice
+    (``drop_policy="choice_then_position"``), and the balance loss counts first choices
+    only in ``f_e``. Gates are renormalised before drops, as in the paper's algorithm
+    (fairseq renormalises the surviving gates after drops by default). GShard's random
+    second-expert dispatch is not reproduced; the second expert is always taken.
     """
-    return assemble_router(spec, common, gate_mode="renorm")
+    return assemble_router(spec, common, gate_mode="renorm", loss_counts="first_choice")
 
 
 @register_preset(
@@ -69,13 +73,17 @@ def build_topk(
 
     * ``pre_softmax_norenorm``: gate = softmax(z) at the selected experts;
     * ``renorm``: softmax(z) renormalised over the selected experts (= softmax(topk(z)));
-    * ``sigmoid_norm``: sigmoid(z) renormalised over the selected experts.
+    * ``sigmoid_norm``: sigmoid(z) renormalised over the selected experts; at ``top_k=1``
+      the gate stays ``sigmoid(z)`` (renormalising one gate would make it a constant with no
+      gradient; Megatron-Core ``topk_softmax_with_capacity`` does the same).
     ``scaling_factor`` multiplies the gates (DeepSeek-V3 uses 2.5 with ``sigmoid_norm``).
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
     check_non_negative("scaling_factor", scaling_factor)
     if normalization == "sigmoid_norm":
-        return assemble_router(spec, common, score_fn=Sigmoid(), gate_mode="renorm", scaling_factor=scaling_factor)
+        return assemble_router(
+            spec, common, score_fn=Sigmoid(), gate_mode=sigmoid_gate_mode(spec.top_k), scaling_factor=scaling_factor
+        )
     return assemble_router(
         spec, common, gate_mode=softmax_gate_mode(normalization, spec.top_k), scaling_factor=scaling_factor
     )

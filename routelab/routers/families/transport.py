@@ -347,8 +347,9 @@ def build_base(
     eps-scaling from zero prices) or, with ``warm_start=True``, from the previous step's
     prices.
     """
-    if common.aux_loss_coef or common.seq_aux_loss_coef:
-        raise ConfigError("router 'base' balances by assignment and takes no balance loss; set aux_loss_coef=0.")
+    for option in ("aux_loss_coef", "seq_aux_loss_coef"):
+        if getattr(common, option):
+            raise ConfigError(f"router 'base' balances by assignment and takes no balance loss; set {option}=0.")
     return assemble_router(
         spec,
         common,
@@ -388,8 +389,9 @@ def build_sinkhorn(
     Gates = ``sigmoid(z)`` for k=1, ``softmax(z)`` for k>1, not renormalised. Evaluation:
     plain top-k. Megatron refuses an aux loss with this router; so does this preset.
     """
-    if common.aux_loss_coef or common.seq_aux_loss_coef:
-        raise ConfigError("router 'sinkhorn' does not take a balance loss (as in Megatron); set aux_loss_coef=0.")
+    for option in ("aux_loss_coef", "seq_aux_loss_coef"):
+        if getattr(common, option):
+            raise ConfigError(f"router 'sinkhorn' does not take a balance loss (as in Megatron); set {option}=0.")
     return assemble_router(
         spec,
         common,

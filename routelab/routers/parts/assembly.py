@@ -23,13 +23,14 @@ from routelab.routers.parts.selectors import TopK
 NORMALIZATIONS = ("pre_softmax_norenorm", "renorm", "sigmoid_norm")
 
 
-def standard_losses(common: CommonOptions) -> list[RouterLoss]:
-    """The Switch, sequence-level and z losses whose coefficients are non-zero."""
+def standard_losses(common: CommonOptions, loss_counts: str = "selection") -> list[RouterLoss]:
+    """The Switch, sequence-level and z losses whose coefficients are non-zero; the balance
+    losses count ``loss_counts`` (``routelab.routers.parts.losses.LOSS_COUNTS``)."""
     losses: list[RouterLoss] = []
     if common.aux_loss_coef:
-        losses.append(SwitchBalanceLoss(common.aux_loss_coef))
+        losses.append(SwitchBalanceLoss(common.aux_loss_coef, counts=loss_counts))
     if common.seq_aux_loss_coef:
-        losses.append(SequenceBalanceLoss(common.seq_aux_loss_coef))
+        losses.append(SequenceBalanceLoss(common.seq_aux_loss_coef, counts=loss_counts))
     if common.z_loss_coef:
         losses.append(ZLoss(common.z_loss_coef))
     return losses
@@ -59,6 +60,12 @@ def softmax_gate_mode(normalization: str, top_k: int, argument: str = "normaliza
     return "renorm" if normalization == "renorm" else "none"
 
 
+def sigmoid_gate_mode(top_k: int) -> str:
+    """``renorm`` for sigmoid scores at ``top_k > 1``; ``none`` at top-1, where one renormalised
+    gate would be a constant (Megatron-Core keeps ``sigmoid(z)`` there)."""
+    return "renorm" if top_k > 1 else "none"
+
+
 # Default of ``assemble_router(capacity=...)``: build the stage from the common options
 # (None stays a real choice: no capacity stage).
 _FROM_COMMON: Any = object()
@@ -77,13 +84,15 @@ def assemble_router(
     balancer: Balancer | None = None,
     extra_losses: Sequence[RouterLoss] = (),
     capacity: nn.Module | None = _FROM_COMMON,
+    loss_counts: str = "selection",
 ) -> Router:
     """A ``Router`` whose unspecified parts are the common ones: the linear scorer of
     ``common``, ``Softmax``, ``TopK(E, k)``, ``GateNorm(gate_mode, scaling_factor)``,
     ``standard_losses(common)`` followed by ``extra_losses``, and ``capacity_stage(common)``.
 
     ``gate_norm`` replaces the ``GateNorm`` stage; ``capacity=None`` builds no capacity
-    stage (for selectors that bound the load themselves).
+    stage (for selectors that bound the load themselves); ``loss_counts`` is what the
+    standard balance losses count.
     """
     return Router(
         num_experts=spec.num_experts,
@@ -93,6 +102,6 @@ def assemble_router(
         selector=TopK(spec.num_experts, spec.top_k) if selector is None else selector,
         gate_norm=GateNorm(gate_mode, scaling_factor) if gate_norm is None else gate_norm,
         balancer=balancer,
-        losses=[*standard_losses(common), *extra_losses],
+        losses=[*standard_losses(common, loss_counts), *extra_losses],
         capacity=capacity_stage(common) if capacity is _FROM_COMMON else capacity,
     )

@@ -11,6 +11,11 @@ training forward (all micro-batches) and ``b`` moves once per optimizer step:
 * ``decaying``:     as ``proportional`` with step ``u / n`` at update ``n`` [recon].
 
 Optional re-centering (``b -= mean(b)``) and clamping guard against bias run-away.
+
+With a token-dropping capacity, the loads ``c`` are counted after drops by default, as
+Megatron-Core does (``local_tokens_per_expert`` sums the final ``routing_map``): an expert
+is pushed down only by the tokens it actually processed. ``counts="before_drops"``
+counts what the biased selection asked for instead.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from routelab.core.validation import check_choice, check_non_negative
 from routelab.routers.parts.router import Balancer, RoutingDraft
 
 STEP_RULES = ("sign", "proportional", "decaying")
+LOAD_COUNTS = ("after_drops", "before_drops")
 
 
 class LossFreeBias(Balancer):
@@ -33,6 +39,8 @@ class LossFreeBias(Balancer):
         step_rule: ``sign``, ``proportional`` or ``decaying``.
         recenter: subtract the mean bias after each update.
         clamp: if > 0, clamp the bias to ``[-clamp, clamp]``.
+        counts: ``after_drops`` (Megatron-Core) or ``before_drops``: which loads move the bias
+            when a capacity drops assignments (the same without capacity).
         all_reduce: sum counts over the default process group when torch.distributed is
             initialised (data parallel ranks must agree on the bias).
     """
@@ -45,6 +53,7 @@ class LossFreeBias(Balancer):
         step_rule: str = "sign",
         recenter: bool = False,
         clamp: float = 0.0,
+        counts: str = "after_drops",
         all_reduce: bool = True,
     ) -> None:
         super().__init__()
@@ -52,6 +61,7 @@ class LossFreeBias(Balancer):
         self.step_rule = check_choice("bias_step_rule", step_rule, STEP_RULES)
         self.recenter = bool(recenter)
         self.clamp = check_non_negative("bias_clamp", clamp)
+        self.counts = check_choice("bias_counts", counts, LOAD_COUNTS)
         self.all_reduce = all_reduce
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -61,8 +71,13 @@ class LossFreeBias(Balancer):
         return scores_TE + self.bias.to(scores_TE.dtype)
 
     def observe(self, draft: RoutingDraft) -> None:
+        """Count this forward's loads (called after the capacity stage; ``draft.topk_idx_TK``
+        is the selection before drops, ``draft.extras["kept_topk_idx_TK"]`` after)."""
         assert draft.topk_idx_TK is not None
-        flat = draft.topk_idx_TK.reshape(-1)
+        idx_TK = draft.topk_idx_TK
+        if self.counts == "after_drops":
+            idx_TK = draft.extras.get("kept_topk_idx_TK", idx_TK)
+        flat = idx_TK.reshape(-1)
         flat = flat[flat >= 0]
         self.pending_counts += torch.bincount(flat, minlength=self.bias.numel()).to(torch.float32)
 

@@ -2,7 +2,10 @@
 
 ``C = ceil(T * k / E * capacity_factor)``. Each expert keeps at most ``C`` assignments:
 under ``drop_policy="probs"`` the ones with the highest gates, under ``"position"`` the
-earliest tokens. Dropped slots become ``-1`` with weight 0 (the token keeps its residual
+earliest tokens whatever the slot (Megatron-Core), under ``"choice_then_position"``
+every token's first choice before any second choice, each choice by token order
+(GShard Algorithm 1, fairseq ``top2gating``: a token never loses its top expert to an
+earlier token's second choice). Dropped slots become ``-1`` with weight 0 (the token keeps its residual
 path) and are counted in ``stats["dropped"]`` / ``stats["drop_rate"]``.
 """
 
@@ -16,7 +19,7 @@ from torch import nn
 from routelab.core.validation import check_capacity_factor, check_choice
 from routelab.routers.parts.router import RoutingDraft
 
-DROP_POLICIES = ("probs", "position")
+DROP_POLICIES = ("probs", "position", "choice_then_position")
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -51,7 +54,8 @@ class Capacity(nn.Module):
 
     Args:
         capacity_factor: multiplier of the balanced load ``T*k/E`` (> 0).
-        drop_policy: ``probs`` keeps the highest-gate assignments, ``position`` the earliest.
+        drop_policy: ``probs`` keeps the highest-gate assignments, ``position`` the earliest,
+            ``choice_then_position`` the first choices (earliest first), then the second, ...
     """
 
     def __init__(self, capacity_factor: float, drop_policy: str = "probs") -> None:
@@ -69,9 +73,12 @@ class Capacity(nn.Module):
         capacity = expert_capacity(num_tokens, draft.top_k, draft.num_experts, self.capacity_factor)
         if self.drop_policy == "probs":
             priority_TK = gate_TK.detach()
-        else:
+        elif self.drop_policy == "position":
             order = torch.arange(num_tokens * k_max, device=topk_idx_TK.device, dtype=torch.float32)
             priority_TK = -order.view(num_tokens, k_max)
+        else:  # choice_then_position: slot-major order
+            order = torch.arange(num_tokens * k_max, device=topk_idx_TK.device, dtype=torch.float32)
+            priority_TK = -order.view(k_max, num_tokens).t()
         rank_TK = rank_within_expert(topk_idx_TK, priority_TK, draft.num_experts)
         keep_TK = rank_TK < capacity
         topk_idx_TK = torch.where(keep_TK, topk_idx_TK, torch.full_like(topk_idx_TK, -1))

@@ -4,7 +4,8 @@
   GShard): ``f_e`` the fraction of assignments to expert e (counted before capacity drops),
   ``P_e`` the mean router probability of e over tokens (full distribution, before top-k).
   Equals 1 when ``f`` is uniform and ``E`` when every token goes to one expert with
-  probability 1. Gradient flows only through ``P``.
+  probability 1. Gradient flows only through ``P``. Which assignments ``f`` counts is the
+  loss's ``counts`` (see ``LOSS_COUNTS``).
 * ``SequenceBalanceLoss`` — the same per sequence, averaged over sequences (DeepSeek-V2/V3's
   complementary sequence-wise balance loss).
 * ``ZLoss`` — ``mean_t logsumexp(z_t)^2`` on raw logits (Zoph et al. 2022, ST-MoE).
@@ -16,7 +17,28 @@ from __future__ import annotations
 
 import torch
 
+from routelab.core.validation import check_choice
 from routelab.routers.parts.router import RouterLoss, RoutingDraft
+
+
+# What ``f_e`` of a balance loss counts:
+# * ``selection``: every slot the selector filled (Switch; any router);
+# * ``first_choice``: only each token's first choice (GShard Algorithm 1, fairseq ``top2gating``);
+# * ``unbiased_topk``: the plain top-k of the unbiased scores, ignoring any selection bias or
+#   group limit (DeepSeek-V3 paper eq. 17-20; Megatron-Core ``compute_routing_scores_for_aux_loss``).
+LOSS_COUNTS = ("selection", "first_choice", "unbiased_topk")
+
+
+def counted_assignments(draft: RoutingDraft, counts: str) -> torch.Tensor:
+    """The ``[T, k']`` expert ids (``-1`` = empty) that ``f_e`` counts under ``counts``."""
+    assert draft.topk_idx_TK is not None
+    if counts == "first_choice":
+        return draft.topk_idx_TK[:, :1]
+    if counts == "unbiased_topk":
+        assert draft.scores_TE is not None
+        k = min(draft.top_k, draft.num_experts)
+        return torch.topk(draft.scores_TE.detach(), k, dim=-1).indices
+    return draft.topk_idx_TK
 
 
 def assignment_fractions(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -35,32 +57,41 @@ def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 class SwitchBalanceLoss(RouterLoss):
-    """Switch/GShard load-balancing loss ``E * sum_e f_e P_e`` (unweighted)."""
+    """Switch/GShard load-balancing loss ``E * sum_e f_e P_e`` (unweighted); ``counts`` says
+    which assignments ``f`` counts (``LOSS_COUNTS``)."""
 
-    def __init__(self, coef: float, name: str = "aux") -> None:
+    def __init__(self, coef: float, name: str = "aux", counts: str = "selection") -> None:
         super().__init__(name, coef)
+        self.counts = check_choice("counts", counts, LOSS_COUNTS)
+
+    def extra_repr(self) -> str:
+        return f"coef={self.coef}, counts={self.counts!r}"
 
     def forward(self, draft: RoutingDraft) -> torch.Tensor:
-        assert draft.topk_idx_TK is not None
-        f_E = assignment_fractions(draft.topk_idx_TK, draft.num_experts)
+        f_E = assignment_fractions(counted_assignments(draft, self.counts), draft.num_experts)
         p_E = draft.probs_TE().mean(dim=0)
         return draft.num_experts * (f_E * p_E).sum()
 
 
 class SequenceBalanceLoss(RouterLoss):
-    """Switch loss computed per sequence and averaged over sequences (DeepSeek-V2/V3)."""
+    """Switch loss computed per sequence and averaged over sequences (DeepSeek-V2/V3);
+    ``counts`` says which assignments ``f`` counts (``LOSS_COUNTS``)."""
 
-    def __init__(self, coef: float, name: str = "seq_aux") -> None:
+    def __init__(self, coef: float, name: str = "seq_aux", counts: str = "selection") -> None:
         super().__init__(name, coef)
+        self.counts = check_choice("counts", counts, LOSS_COUNTS)
+
+    def extra_repr(self) -> str:
+        return f"coef={self.coef}, counts={self.counts!r}"
 
     def forward(self, draft: RoutingDraft) -> torch.Tensor:
-        assert draft.topk_idx_TK is not None
+        idx_TK = counted_assignments(draft, self.counts)
         num_experts = draft.num_experts
         seq_id_T = draft.batch.seq_id_T
         num_seqs = draft.batch.batch_size
-        valid_TK = draft.topk_idx_TK >= 0
-        rows_TK = seq_id_T.unsqueeze(1).expand_as(draft.topk_idx_TK)
-        flat_key = (rows_TK * num_experts + draft.topk_idx_TK.clamp_min(0))[valid_TK]
+        valid_TK = idx_TK >= 0
+        rows_TK = seq_id_T.unsqueeze(1).expand_as(idx_TK)
+        flat_key = (rows_TK * num_experts + idx_TK.clamp_min(0))[valid_TK]
         counts_BE = torch.bincount(flat_key, minlength=num_seqs * num_experts).view(num_seqs, num_experts).float()
         f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp_min(1.0)
         probs_TE = draft.probs_TE()

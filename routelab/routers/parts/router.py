@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from routelab.core.context import TokenBatch
+from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
 from routelab.core.stats import expert_load, routing_stats
 
@@ -96,6 +97,25 @@ class Selector(nn.Module, ABC):
     def forward(self, draft: RoutingDraft) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
+    # Router replay (``routelab.routers.replay``) forces recorded experts; a selector that can
+    # compute its gates for given experts says so and implements ``replay_gates``.
+    supports_replay: bool = False
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """Raw gates of the forced experts ``topk_idx_TK`` (``-1`` slots get 0)."""
+        raise ConfigError(f"{type(self).__name__} cannot recompute gates for forced experts (no router replay).")
+
+
+class ScoreGatesSelector(Selector):
+    """A selector whose raw gates are the unbiased scores of the selected experts (top-k style)."""
+
+    supports_replay = True
+
+    def replay_gates(self, draft: RoutingDraft, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        assert draft.scores_TE is not None
+        gate_TK = draft.scores_TE.gather(1, topk_idx_TK.clamp_min(0))
+        return torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
+
 
 class Balancer(StatefulPart):
     """A stateful bias that changes which experts are selected but never the gate values."""
@@ -160,6 +180,7 @@ class Router(nn.Module):
         self.losses = nn.ModuleList(losses)
         self.capacity = capacity
         self.name = name
+        self.replay: Any = None  # set by routelab.routers.replay while recording or replaying
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -186,20 +207,23 @@ class Router(nn.Module):
             else:
                 draft.selection_scores_TE = draft.scores_TE
             topk_idx_TK, gate_TK = self.selector(draft)
+            if self.replay is not None:
+                topk_idx_TK, gate_TK = self.replay.apply(self, draft, topk_idx_TK, gate_TK)
             gate_TK = self.gate_norm(gate_TK, topk_idx_TK, draft)
             gate_TK = torch.where(topk_idx_TK >= 0, gate_TK, torch.zeros_like(gate_TK))
             draft.topk_idx_TK, draft.gate_TK = topk_idx_TK, gate_TK
 
             losses = self._losses(draft)
-            if self.training and self.balancer is not None:
-                with torch.no_grad():
-                    self.balancer.observe(draft)
 
             load_before_drop_E = expert_load(topk_idx_TK, self.num_experts)
             selected = load_before_drop_E.sum()
             capacity = None
             if self.capacity is not None:
                 topk_idx_TK, gate_TK, capacity = self.capacity(topk_idx_TK, gate_TK, draft)
+            draft.extras["kept_topk_idx_TK"] = topk_idx_TK
+            if self.training and self.balancer is not None:
+                with torch.no_grad():
+                    self.balancer.observe(draft)
             stats = routing_stats(
                 topk_idx_TK,
                 self.num_experts,

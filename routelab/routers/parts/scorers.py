@@ -48,6 +48,7 @@ class LinearScorer(Scorer):
     ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.init_std = float(init_std)
         weight = torch.randn(num_experts, d_model, generator=generator) * init_std
         if trainable:
             self.weight = nn.Parameter(weight)

@@ -12,10 +12,10 @@ import torch
 
 from routelab.core.errors import ConfigError
 from routelab.core.validation import check_positive_int, check_top_k
-from routelab.routers.parts.router import RoutingDraft, Selector
+from routelab.routers.parts.router import RoutingDraft, ScoreGatesSelector, Selector
 
 
-class TopK(Selector):
+class TopK(ScoreGatesSelector):
     """Each token takes the ``k`` experts with the highest selection scores.
 
     Gates are the unbiased scores of those experts (a balancing bias changes the choice,
@@ -32,7 +32,7 @@ class TopK(Selector):
         return topk_idx_TK, draft.scores_TE.gather(1, topk_idx_TK)
 
 
-class GroupLimitedTopK(Selector):
+class GroupLimitedTopK(ScoreGatesSelector):
     """Top-k restricted to the ``group_topk`` best of ``num_groups`` expert groups (DeepSeek-V3)."""
 
     def __init__(self, num_experts: int, top_k: int, num_groups: int, group_topk: int) -> None:
