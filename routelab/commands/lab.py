@@ -320,6 +320,7 @@ def demo_command(
     if steps is not None:
         settings["train"]["steps"] = steps
         settings["train"]["eval_every"] = max(1, min(settings["train"]["eval_every"], steps))
+        settings["seed_noise_std"] = None  # measured at the demo's own length only
     if routers is not None:
         settings["routers"] = [r.strip() for r in routers.split(",") if r.strip()]
         settings["baseline"] = settings["routers"][0]

@@ -31,3 +31,13 @@ def test_one_seed_uses_the_reference_or_marks_nothing():
     assert band.band == pytest.approx(2 * 0.01 * math.sqrt(2))
     assert gap_label(rows[2], rows[0], band).endswith("≈")
     assert not gap_label(rows[1], rows[0], band).endswith("≈")
+
+
+def test_the_demo_marks_gaps_with_its_measured_seed_noise():
+    from routelab.lab.demo import DEMO_SEED_NOISE_STD, demo_settings
+    from routelab.lab.experiment import load_experiment
+
+    config = load_experiment(demo_settings())
+    assert config.seeds == [0] and config.seed_noise_std == DEMO_SEED_NOISE_STD > 0
+    rows = [agg("mixtral", 5.03, None, 1), agg("expert-choice", 5.03 + DEMO_SEED_NOISE_STD, None, 1)]
+    assert gap_label(rows[1], rows[0], noise_band(rows, config.seed_noise_std)).endswith("≈")

@@ -51,6 +51,8 @@ ARMS: dict[str, Arm] = _arms(
     Arm("ssr", "ssr", "Selective Sinkhorn Routing, no aux loss"),
     Arm("top-p", "top-p", "top-p dynamic routing (p = 0.4; 1 to E experts per token)"),
     Arm("bip", "bip", "BIP-based balancing (2 dual iterations per batch)"),
+    Arm("no-aux", "mixtral", "token choice without balancing (aux loss 0): the imbalanced routing LLEP targets",
+        options={"aux_loss_coef": 0.0}),
     Arm("aux-shared", "mixtral", "the aux-loss baseline plus one always-on shared expert of the same width",
         model={"num_shared_experts": 1}),
     Arm("dlm-aux", "mixtral", "masked-diffusion TinyLM, token choice with aux loss 0.01", model=DIFFUSION),

@@ -40,14 +40,14 @@ def test_runs_are_shared_between_claims_and_the_sweep():
     specs = planned_runs(list(CLAIMS), budget)
     assert len(specs) == len(set(specs))
     aux_main = [s for s in specs if s.arm == "aux" and s.steps == budget.steps]
-    assert len(aux_main) == len(budget.seeds)  # used by claims 1, 3, 4, 5, 6, 8, 9, 10: trained once per seed
+    assert len(aux_main) == len(budget.seeds)  # used by claims 1, 3, 4, 5, 6, 8, 9: trained once per seed
     sweep_steps = {s.steps for s in specs if s.steps != budget.steps}
     assert sweep_steps == set(budget.sweep_steps) - {budget.steps}
     main = planned_runs(list(CLAIMS), budget, sweep=False)
     assert specs[: len(main)] == main  # every claim's main runs come before the sweep
     order = claim_order(list(CLAIMS))
-    # 7 and 9 need one arm each; 9's (aux) serves 7 other claims, 7's (bip) none; 10 then needs nothing
-    assert [c.id for c in order[:3]] == ["9", "10", "1"]
+    # 7, 9 and 10 need one arm each; 9's (aux) serves 7 other claims; then 1 and 4 reuse it
+    assert [c.id for c in order[:3]] == ["9", "1", "4"]
     first_claim = planned_runs([order[0]], budget, sweep=False)
     assert main[: len(first_claim)] == first_claim  # whole claims first
     done: set = set()
