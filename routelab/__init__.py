@@ -6,8 +6,8 @@ Every routing method is a router built from parts (scorer -> score function -> s
 
 from routelab.core import ConfigError, InputError, Routing, RoutelabError, RoutingContext, TokenBatch
 from routelab.core.cpu_allocator import tune_cpu_allocator
-from routelab.moe import MoE, MoEOutput
-from routelab.routers import Router, create_router, end_of_step, list_routers, preset_info
+from routelab.moe import MoE, MoEOutput, SoftMoE, moe_layer
+from routelab.routers import Router, create_router, end_of_step, fit_to_data, list_routers, preset_info, register_end_of_step
 from routelab.routers.replay import RoutingRecord, record_routing, replay_routing
 from routelab.traces import Trace
 
@@ -23,13 +23,17 @@ __all__ = [
     "RoutingRecord",
     "RoutelabError",
     "RoutingContext",
+    "SoftMoE",
     "TokenBatch",
     "Trace",
     "create_router",
     "end_of_step",
+    "fit_to_data",
     "list_routers",
+    "moe_layer",
     "preset_info",
     "record_routing",
+    "register_end_of_step",
     "replay_routing",
     "tune_cpu_allocator",
 ]

@@ -34,7 +34,8 @@ def side_inputs(batch: int, seq: int, vocab: int = 97, seed: int = 0) -> dict[st
 
 def make_layer(name: str, *, d_model: int = 8, d_hidden: int = 12, num_experts: int = 4, top_k: int | None = None, seed: int = 0, **options) -> routelab.MoE:
     torch.manual_seed(seed)
-    return routelab.MoE(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k, router=name, **options)
+    return routelab.moe_layer(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k, router=name,
+                              **options)
 
 
 class FixedScorer(Scorer):

@@ -1,5 +1,5 @@
 """Slow, obviously-correct cache simulators: one cache size at a time, written from the rules
-of specs/systems-and-adapters.md A1 (moe-lrc hit accounting) and A2, for checking the fast
+of moe-lrc's hit accounting (arXiv 2505.16056) and of demand paging, for checking the fast
 kernels of routelab.metrics.replay and routelab.systems."""
 
 from __future__ import annotations

@@ -9,13 +9,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from routelab.commands.lab import CACHE, NO_PROGRESS, apply_threads, err_console, friendly_errors, output_console
+from routelab.commands.lab import CACHE, NO_PROGRESS, apply_threads, err_console, output_console
 
 claims_app = typer.Typer(help="The papers' claims that `routelab reproduce` re-measures.", no_args_is_help=True)
 
 
 @claims_app.command("list")
-@friendly_errors
 def list_command(
     budget: str = typer.Option("default", "--budget", help="Budget whose runs are counted: smoke, default or long."),
 ) -> None:
@@ -37,7 +36,6 @@ def list_command(
                            "(runs shared between claims are trained once).")
 
 
-@friendly_errors
 def reproduce_command(
     claim: str = typer.Argument(..., help="A claim id (1-10), a claim name (routelab claims list) or 'all'."),
     budget: str = typer.Option("default", "--budget", help="smoke (machinery check), default or long."),

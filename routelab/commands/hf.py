@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from routelab.core.errors import ConfigError, RoutelabError
 
 
 def run_trace_hf(
@@ -35,10 +34,18 @@ def run_trace_hf(
     """
     from routelab.core.validation import check_positive_int
     from routelab.models.hf import HFRoutingSource, attach
-    from routelab.models.hf.loading import load_pretrained, load_tokenizer
+    from routelab.models.hf.loading import check_local_model, load_pretrained, load_tokenizer
     from routelab.models.hf.recording import trace_metadata
     from routelab.traces import TraceRecorder, TraceWriter
-    from routelab.traces.corpus import corpus_description, encoder_of, parse_corpus, record_corpus, token_sequences
+    from routelab.traces.corpus import (
+        corpus_description,
+        corpus_fingerprint,
+        encoder_of,
+        parse_corpus,
+        record_corpus,
+        token_sequences,
+    )
+    from routelab.traces.resume_check import check_resume_setup
 
     console = console or Console()
     check_positive_int("seq_len", seq_len)
@@ -47,20 +54,18 @@ def run_trace_hf(
     if max_tokens is not None:
         check_positive_int("max_tokens", max_tokens)
     entries = parse_corpus(corpora)
+    check_local_model(model_path)
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     model = load_pretrained(model_path, dtype=dtype).to(device)
-    setup = {"checkpoint": str(model_path), "corpus": corpus_description(entries), "seq_len": seq_len,
-             "batch_size": batch_size, "replaced_router": router}
+    setup = {"checkpoint": str(model_path), "corpus": corpus_fingerprint(entries), "seq_len": seq_len,
+             "batch_size": batch_size, "max_tokens": max_tokens, "dtype": dtype, "tokenizer": tokenizer_path,
+             "replaced_router": router}
     with attach(model, track_load=False) as handle:
         if router is not None:
             handle.replace_router(router)
         if resume:
+            check_resume_setup(out, setup)
             writer = TraceWriter.resume(out)
-            if writer.metadata.get("trace_setup") != setup:
-                raise ConfigError(
-                    f"--resume: {str(out)!r} was traced with {writer.metadata.get('trace_setup')}, not {setup}; "
-                    "resume with the same arguments or start a new trace."
-                )
         else:
             metadata = trace_metadata(handle, trace_setup=setup, domain_names=[e.domain for e in entries],
                                       seq_len=seq_len, corpus=corpus_description(entries))
@@ -99,9 +104,9 @@ def trace_hf_command(
     model: str = typer.Argument(..., help="Checkpoint directory written by save_pretrained (or a name in the local HF cache)."),
     corpus: list[str] = typer.Option(..., "--corpus", help="[DOMAIN=]PATH: a text file or a folder of .txt files (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Trace directory to write (e.g. runs/olmoe/val.trace)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", min=1, help="Tokens per sequence."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the checkpoint's)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     router: str | None = typer.Option(None, "--router", help="Replace every router by this preset (from the pretrained gate)."),
@@ -110,21 +115,21 @@ def trace_hf_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace at --out."),
 ) -> None:
     """Trace the routing of a pretrained transformers MoE model (Mixtral, OLMoE, Qwen-MoE, DeepSeek-V3, GPT-OSS)."""
+    from routelab.commands.common import check_device, check_trace_target
+
+    check_trace_target(out, resume=resume, overwrite=overwrite)
+    check_device(device)
     trace_and_summarise(model, corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                         tokenizer_path=tokenizer, dtype=dtype, router=router, device=device, resume=resume,
                         overwrite=overwrite)
 
 
 def trace_and_summarise(model: str, corpus: list[str], out: Path, **options: object) -> None:
-    """``run_trace_hf`` for the command line: errors as a message and exit code 2, then the
-    per-layer balance of the trace (``routelab trace --hf`` and ``routelab trace-hf``)."""
-    console = Console()
-    try:
-        path = run_trace_hf(model, corpus, out, console=console, **options)  # type: ignore[arg-type]
-    except RoutelabError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(code=2) from err
-    console.print(summary_table(path))
+    """``run_trace_hf`` for the command line, then the per-layer balance of the trace
+    (``routelab trace --hf`` and ``routelab trace-hf``)."""
+    console = Console(stderr=True)
+    path = run_trace_hf(model, corpus, out, console=console, **options)  # type: ignore[arg-type]
+    Console().print(summary_table(path))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +15,8 @@ import typer
 import yaml
 from rich.console import Console
 
-from routelab.core.errors import ConfigError, RoutelabError
+from routelab.commands.common import parse_int_list
+from routelab.core.errors import ConfigError
 
 err_console = Console(stderr=True)
 
@@ -21,23 +25,6 @@ def output_console() -> Console:
     """Stdout console; wide enough for the leaderboard when the output is a file or a pipe."""
     console = Console()
     return console if console.is_terminal else Console(width=200)
-
-
-def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Print routelab errors as one clear message (exit code 2) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except RoutelabError as error:
-            err_console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]stopped; run the same command with --resume (train) or again (compare) to continue.[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -52,22 +39,11 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def parse_top_k(value: str | None) -> int | list[int] | None:
-    if value is None:
+    """``--top-k``: one integer, or one per MoE layer (comma-separated)."""
+    values = parse_int_list(value, "--top-k", minimum=1)
+    if values is None:
         return None
-    try:
-        parts = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--top-k {value!r} must be an integer or a comma-separated list (one per MoE layer).") from None
-    return parts[0] if len(parts) == 1 else parts
-
-
-def parse_ints(value: str | None, flag: str) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. {flag} 0,1,2.") from None
+    return values[0] if len(values) == 1 else values
 
 
 def apply_threads(value: str | None) -> None:
@@ -130,14 +106,6 @@ def given(**values: Any) -> dict[str, Any]:
 
 
 # Shared option declarations (typer reads the defaults' metadata).
-D_MODEL = typer.Option(None, "--d-model", help="Model width.")
-N_LAYERS = typer.Option(None, "--n-layers", help="Transformer layers.")
-N_HEADS = typer.Option(None, "--n-heads", help="Attention heads.")
-NUM_EXPERTS = typer.Option(None, "--num-experts", help="Routed experts per MoE layer.")
-TOP_K = typer.Option(None, "--top-k", help="Experts per token, or one value per MoE layer (comma-separated).")
-EXPERT_WIDTH = typer.Option(None, "--expert-d-hidden", help="Hidden width of each expert (default: 4*d_model).")
-MOE_EVERY = typer.Option(None, "--moe-every", help="Every n-th layer is MoE (1 = all).")
-SHARED = typer.Option(None, "--shared-experts", help="Always-on shared experts per MoE layer.")
 STEPS = typer.Option(None, "--steps", help="Optimizer steps.")
 BATCH = typer.Option(None, "--batch-size", help="Sequences per micro-batch.")
 SEQ_LEN = typer.Option(None, "--seq-len", help="Tokens per sequence.")
@@ -157,11 +125,45 @@ NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
 THREADS = typer.Option(None, "--threads", help="Intra-op threads: a number, or 'auto' (the cores idle right now).")
 
 
-def model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared) -> dict[str, Any]:
-    return given(
-        d_model=d_model, n_layers=n_layers, n_heads=n_heads, num_experts=num_experts, top_k=parse_top_k(top_k),
-        expert_d_hidden=expert_d_hidden, moe_every=moe_every, num_shared_experts=shared,
+def model_overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """The TinyLM shape flags the user set, as ``ModelSettings`` values (``--top-k`` may list one per layer)."""
+    if values.get("top_k") is not None:
+        values = {**values, "top_k": parse_top_k(values["top_k"])}
+    return given(**values)
+
+
+def shape_flag(field: dataclasses.Field) -> inspect.Parameter:
+    """The ``--flag`` of one ``TinyLMConfig`` shape field (None = the field's default)."""
+    # integers, except a choice and top_k (one int, or a comma-separated list per MoE layer)
+    annotation = str if field.metadata["choices"] or field.name == "top_k" else int
+    return inspect.Parameter(
+        field.name,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=typer.Option(None, field.metadata["flag"], help=field.metadata["help"]),
+        annotation=Optional[annotation],
     )
+
+
+def with_shape_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one flag per TinyLM shape field (``routelab.models.tinylm.shape_fields``),
+    in place of its ``model`` parameter, which receives the flags the user set as a dict."""
+    from routelab.models.tinylm import shape_fields
+
+    flags = [shape_flag(field) for field in shape_fields()]
+    names = [flag.name for flag in flags]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        kwargs["model"] = model_overrides({name: kwargs.pop(name) for name in names})
+        command(**kwargs)
+
+    parameters = list(inspect.signature(command).parameters.values())
+    at = [p.name for p in parameters].index("model")
+    parameters = parameters[:at] + flags + parameters[at + 1:]
+    hints = typing.get_type_hints(command)
+    wrapper.__signature__ = inspect.Signature([p.replace(annotation=hints.get(p.name, p.annotation)) for p in parameters])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
 
 
 def corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes) -> d
     )
 
 
-@friendly_errors
+@with_shape_flags
 def train_command(
     router: str = typer.Option("mixtral", "--router", help="Router preset (routelab list), or 'dense'."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (repeatable)."),
@@ -181,14 +183,7 @@ def train_command(
     max_bytes_per_domain: Optional[int] = MAX_BYTES,
     vocab_size: Optional[int] = VOCAB,
     chunk_bytes: Optional[int] = CHUNK,
-    d_model: Optional[int] = D_MODEL,
-    n_layers: Optional[int] = N_LAYERS,
-    n_heads: Optional[int] = N_HEADS,
-    num_experts: Optional[int] = NUM_EXPERTS,
-    top_k: Optional[str] = TOP_K,
-    expert_d_hidden: Optional[int] = EXPERT_WIDTH,
-    moe_every: Optional[int] = MOE_EVERY,
-    shared_experts: Optional[int] = SHARED,
+    model: Optional[dict[str, Any]] = None,  # the TinyLM shape flags the user set (with_shape_flags fills it)
     steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH,
     seq_len: Optional[int] = SEQ_LEN,
@@ -202,15 +197,21 @@ def train_command(
     cache_dir: Optional[Path] = CACHE,
     no_progress: bool = NO_PROGRESS,
     threads: Optional[str] = THREADS,
+    expert_parallel: Optional[int] = typer.Option(
+        None, "--expert-parallel", help="Shard each MoE layer's experts over N processes (start under torchrun or "
+        "`routelab launch`; see docs/parallel.md)."),
+    llep: Optional[float] = typer.Option(
+        None, "--llep", help="With --expert-parallel: Least-Loaded EP when the busiest rank exceeds the mean by this "
+        "ratio (e.g. 1.3)."),
 ) -> None:
     """Train one TinyLM with one router on a corpus (resumable with --resume)."""
     from routelab.lab.config import CorpusSettings, ModelSettings, RouterEntry, TrainConfig, validated
     from routelab.lab.data import prepare_corpus
-    from routelab.lab.experiment import ExperimentConfig, check_routers
+    from routelab.lab.config import ExperimentConfig
+    from routelab.lab.experiment import check_routers
     from routelab.lab.train import train_run
 
-    model = validated(ModelSettings, model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden,
-                                                    moe_every, shared_experts), "model options")
+    model_settings = validated(ModelSettings, model, "model options")
     train = validated(TrainConfig, given(
         steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
         precision=precision, eval_every=eval_every, eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed,
@@ -218,15 +219,27 @@ def train_command(
     corpus_settings = validated(CorpusSettings, corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
                                 "corpus options")
     entry = RouterEntry(name=router, options=parse_options(option))
+    if expert_parallel is not None or llep is not None:
+        from routelab.parallel.groups import check_distributed_launch
+
+        check_distributed_launch(expert_parallel, llep)
     apply_threads(threads)
-    check_routers(ExperimentConfig(routers=[entry], model=model))
+    check_routers(ExperimentConfig(routers=[entry], model=model_settings))
     with err_console.status("preparing the corpus and tokenizer ..."):
         prepared = prepare_corpus(corpus_settings.options(), cache_dir=cache_dir)
     folder = out or Path("runs") / "train" / f"{router}-seed{seed}"
-    model_config = model.tinylm(vocab_size=prepared.vocab_size, max_seq_len=train.seq_len, router=router,
+    model_config = model_settings.tinylm(vocab_size=prepared.vocab_size, max_seq_len=train.seq_len, router=router,
                                 router_options=entry.options)
-    summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
-                        show_progress=not no_progress, label=router)
+    if expert_parallel is not None or llep is not None:
+        from routelab.lab.parallel_train import expert_parallel_command_run
+
+        summary = expert_parallel_command_run(folder, prepared, model_config, train, expert_parallel, llep, resume=resume,
+                                              console=err_console, show_progress=not no_progress, label=router)
+        if summary is None:  # ranks other than 0 print nothing
+            return
+    else:
+        summary = train_run(folder, prepared, model_config, train, resume=resume, console=err_console,
+                            show_progress=not no_progress, label=router)
     final = summary["final_eval"]
     domains = ", ".join(f"{d} {v:.3f}" for d, v in final["val_loss_by_domain"].items())
     output_console().print(
@@ -235,7 +248,7 @@ def train_command(
     )
 
 
-@friendly_errors
+@with_shape_flags
 def compare_command(
     config_file: Optional[Path] = typer.Argument(None, help="Experiment file (.yaml/.yml/.toml); flags override it."),
     name: Optional[str] = typer.Option(None, "--name", help="Experiment name (results in <out-dir>/<name>/)."),
@@ -248,14 +261,7 @@ def compare_command(
     max_bytes_per_domain: Optional[int] = MAX_BYTES,
     vocab_size: Optional[int] = VOCAB,
     chunk_bytes: Optional[int] = CHUNK,
-    d_model: Optional[int] = D_MODEL,
-    n_layers: Optional[int] = N_LAYERS,
-    n_heads: Optional[int] = N_HEADS,
-    num_experts: Optional[int] = NUM_EXPERTS,
-    top_k: Optional[str] = TOP_K,
-    expert_d_hidden: Optional[int] = EXPERT_WIDTH,
-    moe_every: Optional[int] = MOE_EVERY,
-    shared_experts: Optional[int] = SHARED,
+    model: Optional[dict[str, Any]] = None,  # the TinyLM shape flags the user set (with_shape_flags fills it)
     steps: Optional[int] = STEPS,
     batch_size: Optional[int] = BATCH,
     seq_len: Optional[int] = SEQ_LEN,
@@ -272,11 +278,11 @@ def compare_command(
     if config_file is None and routers is None:
         raise ConfigError("give an experiment file (routelab compare exp.yaml) or --routers a,b,c (see docs/lab.md).")
     overrides: dict[str, Any] = given(
-        name=name, baseline=baseline, out_dir=out_dir, seeds=parse_ints(seeds, "--seeds"),
+        name=name, baseline=baseline, out_dir=out_dir, seeds=parse_int_list(seeds, "--seeds", minimum=0),
         routers=[r.strip() for r in routers.split(",") if r.strip()] if routers else None,
     )
     sections = {
-        "model": model_overrides(d_model, n_layers, n_heads, num_experts, top_k, expert_d_hidden, moe_every, shared_experts),
+        "model": model,
         "train": given(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
                        eval_every=eval_every),
         "corpus": corpus_overrides(corpus, max_bytes_per_domain, vocab_size, chunk_bytes),
@@ -301,7 +307,6 @@ def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, t
     return result
 
 
-@friendly_errors
 def demo_command(
     out_dir: str = typer.Option("runs", "--out-dir", help="Parent folder; the demo writes <out-dir>/demo/."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the training steps per router."),
@@ -325,7 +330,7 @@ def demo_command(
         settings["routers"] = [r.strip() for r in routers.split(",") if r.strip()]
         settings["baseline"] = settings["routers"][0]
     if seeds is not None:
-        settings["seeds"] = parse_ints(seeds, "--seeds")
+        settings["seeds"] = parse_int_list(seeds, "--seeds", minimum=0)
     config = load_experiment(settings)
     apply_threads(threads)
     import torch

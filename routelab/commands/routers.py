@@ -7,6 +7,20 @@ from rich.console import Console
 from rich.table import Table
 
 
+WIDE_TERMINAL = 160  # columns below which `list -v` prints plain text instead of a table
+
+
+def option_text(options: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def presets_plain_text(presets) -> str:  # noqa: ANN001 - the preset registry
+    """Every preset with its paper and every option with its default, one block per preset, uncut."""
+    blocks = [f"{info.name}: {info.description} ({info.paper})\n  options: {option_text(info.options())}\n"
+              for info in presets]
+    return "\n".join(blocks)
+
+
 def list_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show each preset's options and defaults."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table of presets, parts and defaults."),
@@ -21,16 +35,19 @@ def list_command(
         return
 
     console = Console()
+    if verbose and (not console.is_terminal or console.width < WIDE_TERMINAL):
+        typer.echo(presets_plain_text(PRESETS), nl=False)  # never cut: piped, or too narrow for the table
+        return
     table = Table(title=f"routelab routers ({len(PRESETS)} presets)", show_lines=verbose)
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
     table.add_column("paper", style="dim")
     if verbose:
-        table.add_column("options (defaults)")
+        table.add_column("options (defaults)", overflow="fold")
     for info in PRESETS:
         row = [info.name, info.description, info.paper]
         if verbose:
-            row.append(", ".join(f"{k}={v!r}" for k, v in info.options().items()))
+            row.append(option_text(info.options()))
         table.add_row(*row)
     console.print(table)
 
@@ -45,7 +62,7 @@ def bench_command(
     quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repeats (a smoke run)."),
 ) -> None:
     """Time the MoE layer (forward+backward) against the ideal grouped GEMM, a naive loop and a dense FFN."""
-    from routelab.benchmarks.layer import run_layer_benchmark, run_router_cost_benchmark
+    from routelab.bench.layer import run_layer_benchmark, run_router_cost_benchmark
 
     console = Console()
     if quick:

@@ -1,4 +1,4 @@
-"""Core types: Routing, contexts, registry, errors and statistics."""
+"""Core types: Routing, contexts, errors, validation, routing statistics and the shape-letter legend (``shapes``)."""
 
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError, InputError, RoutelabError, UnknownNameError

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from routelab.core.stats import stats_to_python
+from routelab.core.routing_stats import stats_to_python
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Routing:
         scores: fp32 ``[T, E]`` scores after the score function (softmax, sigmoid, ...).
         losses: unweighted auxiliary losses by name (scalars, with grad).
         aux_loss: the coefficient-weighted sum of ``losses`` (a zero scalar if none).
-        stats: per-batch statistics (see ``routelab.core.stats.routing_stats``).
+        stats: per-batch statistics (see ``routelab.core.routing_stats.routing_stats``).
         num_experts: ``E``.
         capacity: the per-expert capacity enforced in this batch, or None when dropless.
     """

@@ -13,6 +13,7 @@ JSON, so ``load_model(path)`` rebuilds the model and its tokenizer from the file
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -34,17 +35,26 @@ MODEL_FILE = "model.pt"
 
 
 def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+
+    The payload is serialised in memory first and written with plain file I/O, so that a
+    full disk is reported as the operating system's ``OSError`` (ENOSPC) naming the file,
+    not as an opaque serialiser error; the previous file at ``path`` stays intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # name the file the user knows, not the temporary one
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -76,8 +86,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {str(path)!r} does not exist.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise InputError(f"{str(path)!r} is not a readable routelab checkpoint ({type(error).__name__}: {error}).") from error
+    except Exception as error:  # a truncated or foreign file; torch's own advice (weights_only=False) is unsafe here
+        raise InputError(
+            f"{str(path)!r} is not a routelab checkpoint (it cannot be read as one: {type(error).__name__}); pass a "
+            "model.pt or checkpoint.pt written by `routelab train`, or its run folder."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise InputError(f"{str(path)!r} is not a routelab TinyLM checkpoint (no routelab format tag).")
     if payload.get("version", 0) > FORMAT_VERSION:

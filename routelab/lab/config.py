@@ -1,19 +1,23 @@
 """Validated settings of training runs and experiments (pydantic models, unknown keys refused).
 
 ``TrainConfig`` is one run's optimisation and evaluation schedule; ``ModelSettings`` the
-TinyLM shape shared by every router of an experiment; ``CorpusSettings`` which text to
-prepare. Errors become ``ConfigError`` messages that name the field and the fix.
+TinyLM shape shared by every router of an experiment (derived from
+``TinyLMConfig``, so its fields and defaults are TinyLM's); ``CorpusSettings`` which text to
+prepare; ``ExperimentConfig`` a comparison of routers (the file format is in
+``routelab.lab.experiment``). Errors become ``ConfigError`` messages that name the field and the fix.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from routelab.core.errors import ConfigError, suggest
 from routelab.lab.data import CorpusOptions
-from routelab.models.tinylm import TinyLMConfig
+from routelab.models.tinylm import TinyLMConfig, shape_fields
 
 M = TypeVar("M", bound=BaseModel)
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -49,7 +53,7 @@ class TrainConfig(Settings):
     probe_sequences: int = Field(4, ge=1, description="sequences of the fixed routing probe batch")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     keep_checkpoint: bool = Field(False, description="keep the optimizer checkpoint after the run finished")
 
     @property
@@ -57,21 +61,17 @@ class TrainConfig(Settings):
         return self.batch_size * self.seq_len * self.grad_accum
 
 
-class ModelSettings(Settings):
+class ModelSettingsBase(Settings):
     """The TinyLM shape of an experiment (the router comes from the run, vocab from the tokenizer)."""
 
-    d_model: int = Field(128, ge=2)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    d_ff: int | None = Field(None, ge=1)
-    num_experts: int = Field(8, ge=1)
-    top_k: int | list[int] | None = 2
-    expert_d_hidden: int | None = Field(None, ge=1)
-    moe_every: int = Field(1, ge=1)
-    num_shared_experts: int = Field(0, ge=0)
-    shared_d_hidden: int | None = Field(None, ge=1)
-    activation: Literal["swiglu", "gelu"] = "swiglu"
-    objective: Literal["causal", "masked-diffusion"] = "causal"
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> ModelSettingsBase:
+        values = self.top_k if isinstance(self.top_k, list) else [self.top_k]
+        for value in values:
+            if value is not None and not 1 <= value <= self.num_experts:
+                raise ValueError(f"top_k={value} must lie in [1, num_experts={self.num_experts}] (also for dense "
+                                 "models, whose width it sets)")
+        return self
 
     def tinylm(self, *, vocab_size: int, max_seq_len: int, router: str | None, router_options: dict[str, Any]) -> TinyLMConfig:
         """The ``TinyLMConfig`` of one run; ``router=None`` (or ``"dense"``) gives the dense equivalent."""
@@ -83,6 +83,22 @@ class ModelSettings(Settings):
             **self.model_dump(),
         )
         return moe.dense_equivalent() if router in (None, DENSE) else moe
+
+
+def settings_field(field: dataclasses.Field) -> tuple[Any, Any]:
+    """``(annotation, pydantic Field)`` of one ``TinyLMConfig`` shape field: same default, help and bounds."""
+    meta = field.metadata
+    annotation = Literal[meta["choices"]] if meta["choices"] else get_type_hints(TinyLMConfig)[field.name]
+    return annotation, Field(field.default, ge=meta["minimum"], description=meta["help"])
+
+
+ModelSettings = create_model(
+    "ModelSettings",
+    __base__=ModelSettingsBase,
+    __module__=__name__,
+    **{field.name: settings_field(field) for field in shape_fields()},
+)
+ModelSettings.__doc__ = ModelSettingsBase.__doc__ + " Its fields are ``routelab.models.tinylm.shape_fields()``."
 
 
 DENSE = "dense"
@@ -117,6 +133,73 @@ class RouterEntry(Settings):
     @property
     def key(self) -> str:
         return self.label or self.name
+
+
+class TOSTSettings(Settings):
+    """Equivalence test of each router against the baseline (needs >= 2 seeds)."""
+
+    margin: float = Field(0.02, gt=0, description="equivalence margin in units of the metric")
+    metric: Literal["val_loss", "val_ppl"] = "val_loss"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    test: Literal["welch", "student", "paired"] = "welch"
+
+
+class ExperimentConfig(Settings):
+    """A comparison of routers (see the module docstring for the file format)."""
+
+    name: str = "experiment"
+    routers: list[RouterEntry] = Field(min_length=1)
+    baseline: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    tost: TOSTSettings = Field(default_factory=TOSTSettings)
+    out_dir: str = "runs"
+    seed_noise_std: float | None = Field(
+        None, gt=0, description="std of one run's val_loss across seeds at these settings; marks leaderboard gaps "
+        "within seed noise when the experiment has a single seed (routelab.lab.seed_noise)")
+
+    @field_validator("routers", mode="before")
+    @classmethod
+    def _router_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("name may only hold letters, digits, '-', '_' and '.' (it names a folder)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        keys = [r.key for r in self.routers]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(f"router labels must be unique, {duplicates} repeat; give each entry a distinct 'label'")
+        if self.baseline is not None and self.baseline not in keys:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
+        return self
+
+    @property
+    def baseline_key(self) -> str:
+        return self.baseline or self.routers[0].key
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def run_folder(self, entry: RouterEntry, seed: int) -> Path:
+        return self.folder / f"{entry.key}-seed{seed}"
 
 
 def model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.text import read_text
 
 DEFAULT_CORPUS = "default"
 CODE_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -112,17 +113,6 @@ def folder_files(source: Path) -> list[SourceFile]:
     if not files:
         raise ConfigError(f"corpus folder {str(source)!r} holds no files.")
     return files
-
-
-def read_text(path: Path) -> str | None:
-    """The file as UTF-8 text, or None for binary files (NUL bytes or invalid UTF-8)."""
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def split_lines(text: str, chunk_bytes: int) -> Iterator[str]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.json_files import read_json
 from routelab.core.validation import check_positive_int
 from routelab.lab.corpus import DEFAULT_CORPUS, Document, collect_documents, split_documents
 from routelab.lab.tokenizer import MIN_VOCAB_SIZE, TextTokenizer
@@ -101,7 +102,7 @@ class PreparedCorpus:
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
             raise InputError(f"{str(self.path)!r} is not a prepared corpus (no meta.json); run prepare_corpus first.")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        self.meta: dict[str, Any] = read_json(meta_file, "prepared-corpus metadata")
         self.tokenizer = TextTokenizer.load(self.path / "tokenizer.json")
         self.domains: list[str] = list(self.meta["domains"])
         self._dtype = np.dtype(self.meta["token_dtype"])

@@ -5,7 +5,7 @@ Balance over the validation set sums each layer's expert loads over all validati
 batches before computing MaxVio / CV / dead experts (the global view; per-batch values are
 logged during training). Routing fluctuation between two evaluations is the fraction of
 (token, layer) pairs of the probe batch whose selected expert *set* changed
-(Graph-of-Tokens flip rate for top-k, systems spec A4).
+(the flip rate of Graph of Tokens, Nguyen et al. 2025, arXiv 2505.00792, for top-k).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from routelab.core.stats import balance_stats
+from routelab.core.atomic_files import atomic_path
+from routelab.core.routing_stats import balance_stats
 from routelab.lab.batches import Batch
 from routelab.lab.objective import PROBE_INDEX, evaluation_forward
 from routelab.models.tinylm import TinyLM
@@ -120,9 +121,8 @@ class RoutingCollector:
                 torch.cat([torch.nn.functional.pad(per_batch[layer], (0, width - per_batch[layer].shape[1]))
                            for per_batch in self.topk_weight]) for layer in range(layers)
             ]).numpy()
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
 
 
 @torch.no_grad()

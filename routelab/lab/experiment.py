@@ -17,85 +17,21 @@ partial ones resumed, so an interrupted comparison continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 
+from routelab.core.atomic_files import atomic_write_json
 from routelab.core.errors import ConfigError
-from routelab.lab.config import DENSE, CorpusSettings, ModelSettings, RouterEntry, Settings, TrainConfig, validated
+from routelab.core.run_lock import holds_folder_lock
+from routelab.lab.config import DENSE, ExperimentConfig, RouterEntry, validated
 from routelab.lab.data import PreparedCorpus, prepare_corpus
+from routelab.lab.report import write_report
 from routelab.lab.train import RunFiles, train_run
 from routelab.routers.registry import create_router
-
-
-class TOSTSettings(Settings):
-    """Equivalence test of each router against the baseline (needs >= 2 seeds)."""
-
-    margin: float = Field(0.02, gt=0, description="equivalence margin in units of the metric")
-    metric: Literal["val_loss", "val_ppl"] = "val_loss"
-    alpha: float = Field(0.05, gt=0, lt=0.5)
-    test: Literal["welch", "student", "paired"] = "welch"
-
-
-class ExperimentConfig(Settings):
-    """A comparison of routers (see the module docstring for the file format)."""
-
-    name: str = "experiment"
-    routers: list[RouterEntry] = Field(min_length=1)
-    baseline: str | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
-    tost: TOSTSettings = Field(default_factory=TOSTSettings)
-    out_dir: str = "runs"
-    seed_noise_std: float | None = Field(
-        None, gt=0, description="std of one run's val_loss across seeds at these settings; marks leaderboard gaps "
-        "within seed noise when the experiment has a single seed (routelab.lab.seed_noise)")
-
-    @field_validator("routers", mode="before")
-    @classmethod
-    def _router_strings(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _folder_name(cls, value: str) -> str:
-        if not value or not all(c.isalnum() or c in "-_." for c in value):
-            raise ValueError("name may only hold letters, digits, '-', '_' and '.' (it names a folder)")
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> ExperimentConfig:
-        keys = [r.key for r in self.routers]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise ValueError(f"router labels must be unique, {duplicates} repeat; give each entry a distinct 'label'")
-        if self.baseline is not None and self.baseline not in keys:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the routers {keys}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {self.seeds}")
-        return self
-
-    @property
-    def baseline_key(self) -> str:
-        return self.baseline or self.routers[0].key
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    def run_folder(self, entry: RouterEntry, seed: int) -> Path:
-        return self.folder / f"{entry.key}-seed{seed}"
 
 
 def toml_module():  # noqa: ANN201 - a module
@@ -120,8 +56,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"experiment file {str(path)!r} does not exist.")
     if path.suffix not in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"experiment file {str(path)!r} must end in .yaml, .yml or .toml.")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = toml_module().loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as error:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
@@ -171,6 +107,7 @@ def load_experiment(source: str | Path | dict[str, Any] | None = None, overrides
     return config
 
 
+@holds_folder_lock(lambda config, **kwargs: config.folder, "experiment folder")
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -182,16 +119,16 @@ def run_experiment(
 
     Returns the report summary (see ``routelab.lab.report.write_report``).
     """
-    from routelab.lab.report import write_report
-
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    config.folder.mkdir(parents=True, exist_ok=True)
-    (config.folder / "experiment.json").write_text(json.dumps(config.model_dump(), indent=1))
     with console.status("preparing the corpus and tokenizer ..."):
         prep_start = time.perf_counter()
         corpus = prepare_corpus(config.corpus.options(), cache_dir=cache_dir)
         prep_time = time.perf_counter() - prep_start
+    for entry in config.routers:  # every model shape is checked before anything is written
+        config.model.tinylm(vocab_size=corpus.vocab_size, max_seq_len=config.train.seq_len, router=entry.name,
+                            router_options=entry.options)
+    atomic_write_json(config.folder / "experiment.json", config.model_dump())
     tokens = corpus.meta["num_tokens"]
     console.print(
         f"corpus {corpus.meta['source']!r}: domains {corpus.domains}, {tokens['train']:,} train / {tokens['val']:,} val "

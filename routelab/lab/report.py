@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from routelab.lab.data import PreparedCorpus
-from routelab.lab.experiment import ExperimentConfig
+from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
+from routelab.lab.equivalence import tost
 from routelab.lab.run_metrics import RunRecord, run_columns
 from routelab.lab.seed_noise import NoiseBand, gap_label, noise_band
-from routelab.lab.stats import tost
 
 ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (

@@ -4,7 +4,6 @@ splits cut into ``(domain, token ids)`` sequences (what ``routelab trace`` recor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.json_files import read_json
 from routelab.lab.data import CorpusOptions, PreparedCorpus, prepare_corpus
 
 
@@ -33,7 +33,7 @@ def run_corpus(checkpoint: str | Path, cache_dir: str | Path | None = None) -> P
             f"{str(checkpoint)!r} is not in a lab run folder (no {config_file.name} next to it), so its training "
             "corpus is unknown; name the text to trace with --corpus [DOMAIN=]PATH."
         )
-    recorded = json.loads(config_file.read_text()).get("corpus") or {}
+    recorded = read_json(config_file, "run config").get("corpus") or {}
     known = {f.name for f in fields(CorpusOptions)}
     options = CorpusOptions(**{k: v for k, v in (recorded.get("options") or {}).items() if k in known})
     prepared = prepare_corpus(options, cache_dir=cache_dir)

@@ -27,7 +27,6 @@ Definitions of the built-in columns:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from routelab.core.json_files import read_json
 from routelab.core.registry import Registry
 from routelab.lab.train import read_metrics
 
@@ -88,7 +88,7 @@ class RunRecord:
     @classmethod
     def load(cls, key: str, router: str, seed: int, folder: str | Path) -> RunRecord:
         folder = Path(folder)
-        return cls(key, router, seed, folder, json.loads((folder / "summary.json").read_text()))
+        return cls(key, router, seed, folder, read_json(folder / "summary.json", "run summary"))
 
 
 @dataclass(frozen=True)

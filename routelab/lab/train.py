@@ -1,6 +1,8 @@
 """The training loop of one run: AdamW, warmup + cosine, clipping, bf16 autocast, gradient
-accumulation, router aux losses, ``routelab.end_of_step`` after every optimizer step,
-periodic validation, JSONL metrics and atomic, exactly resumable checkpoints.
+accumulation, router aux losses, ``routelab.end_of_step`` after every optimizer step (an
+optimizer step hook, ``routelab.register_end_of_step``), routers fitted to the training
+tokens first (``routelab.fit_to_data``), periodic validation, JSONL metrics and atomic,
+exactly resumable checkpoints.
 
 A run lives in one folder::
 
@@ -24,6 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from routelab.core.atomic_files import atomic_path, atomic_write_json, atomic_write_text
 from routelab.core.errors import ConfigError, RoutelabError
+from routelab.core.json_files import read_json, read_jsonl_rows
+from routelab.core.run_lock import holds_folder_lock
 from routelab.lab.batches import Batch, TrainSampler, eval_batches, probe_batch
 from routelab.lab.checkpoint import (
     CHECKPOINT_FILE,
@@ -51,8 +57,7 @@ from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_sl
 from routelab.lab.interrupt import deferred_interrupt
 from routelab.lab.objective import training_forward
 from routelab.models.tinylm import TinyLM, TinyLMConfig
-from routelab.routers.parts.router import end_of_step
-from routelab.routers.families.fixed import HashSelector
+from routelab.routers.parts.router import fit_to_data, register_end_of_step
 
 STEP_STATS = ("max_vio", "cv", "dead_experts", "drop_rate", "active_experts_per_token")
 
@@ -124,16 +129,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def fit_hash_tables(model: TinyLM, tokens: np.ndarray) -> None:
-    """Fit every frequency-balanced hash router to the training token counts (Roller et al. 2021)."""
-    counts = None
-    for module in model.modules():
-        if isinstance(module, HashSelector) and module.mode == "balanced":
-            if counts is None:
-                counts = torch.from_numpy(np.bincount(np.asarray(tokens), minlength=model.config.vocab_size))
-            module.fit(counts)
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -141,31 +136,19 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (a partly written last line from a kill is ignored)."""
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """Rows of a ``metrics.jsonl``. A partly written last line (from a kill) is ignored; an
+    unreadable line before it means the file was damaged and raises ``InputError``."""
+    return read_jsonl_rows(path)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only rows up to ``last_step`` (a killed run may have logged steps after its checkpoint)."""
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def config_record(model_config: TinyLMConfig, train_config: TrainConfig, corpus: PreparedCorpus) -> dict[str, Any]:
@@ -250,9 +233,8 @@ class ProbeHistory:
                     layer_weights.append(padded)
                 weights.append(torch.stack(layer_weights))
             arrays["topk_weight"] = torch.stack(weights).numpy()
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
 
 
 def make_progress(console: Console) -> Progress:
@@ -268,6 +250,192 @@ def make_progress(console: Console) -> Progress:
     )
 
 
+@dataclass
+class TrainingState:
+    """What a checkpoint restores: the model, optimizer, LR schedule, probe history and totals."""
+
+    model: TinyLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    history: ProbeHistory
+    step: int = 0
+    train_tokens: int = 0
+    train_time: float = 0.0
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.history.load(state["probe_history"])
+        self.step = int(state["step"])
+        self.train_tokens = int(state["totals"]["train_tokens"])
+        self.train_time = float(state["totals"]["train_time_s"])
+
+    def checkpoint(self, seed: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "data": {"seed": seed, "next_step": self.step + 1},
+            "totals": {"train_tokens": self.train_tokens, "train_time_s": self.train_time},
+            "probe_history": self.history.state(),
+        }
+
+
+@dataclass
+class RunData:
+    """The batches of a run: training batches by step, the validation set and the probe batch."""
+
+    sampler: TrainSampler
+    val_set: list[Batch]
+    probe: Batch
+    domains: list[str]
+
+    @classmethod
+    def of(cls, corpus: PreparedCorpus, config: TrainConfig) -> RunData:
+        sampler = TrainSampler(corpus.tokens("train"), corpus.domain_labels("train"), config.seq_len,
+                               config.batch_size, config.seed)
+        val_tokens, val_labels = corpus.tokens("val"), corpus.domain_labels("val")
+        val_set = eval_batches(val_tokens, val_labels, config.seq_len, config.batch_size, config.eval_tokens)
+        probe = probe_batch(val_tokens, val_labels, config.seq_len, config.probe_sequences)
+        return cls(sampler, val_set, probe, corpus.domains)
+
+
+def check_run_inputs(corpus: PreparedCorpus, model_config: TinyLMConfig, train_config: TrainConfig) -> None:
+    if model_config.max_seq_len < train_config.seq_len:
+        raise ConfigError(f"model max_seq_len={model_config.max_seq_len} < seq_len={train_config.seq_len}.")
+    if model_config.vocab_size != corpus.vocab_size:
+        raise ConfigError(f"model vocab_size={model_config.vocab_size} but the tokenizer has {corpus.vocab_size} tokens.")
+
+
+def open_run_folder(files: RunFiles, record: dict[str, Any], train_config: TrainConfig, resume: bool) -> bool:
+    """Check ``files`` against the requested run and write its ``config.json``; True when resuming.
+
+    Fixes ``record["train_config"]["precision"]``: the stored one when the folder holds
+    this run, else ``precision='auto'`` resolved now. A finished run's folder is left as is.
+    """
+    has_run = files.finished() or files.checkpoint.is_file()
+    if has_run and not resume:
+        raise ConfigError(
+            f"{str(files.root)!r} already holds a run; pass --resume to continue (or return) it, or choose another folder."
+        )
+    if files.config.is_file() and has_run:
+        stored = read_json(files.config, "run config")
+        check_same_run(stored, record, files.root)
+        record["train_config"]["precision"] = stored["train_config"]["precision"]
+    if files.finished():
+        return True
+    resuming = files.checkpoint.is_file()
+    if not resuming:
+        record["train_config"]["precision"] = resolve_precision(train_config.precision)
+    files.root.mkdir(parents=True, exist_ok=True)
+    write_json(files.config, record)
+    return resuming
+
+
+def start_training(
+    files: RunFiles, corpus: PreparedCorpus, model_config: TinyLMConfig, train_config: TrainConfig, resuming: bool
+) -> TrainingState:
+    """A fresh model, optimizer and schedule for the run's seed, restored from the checkpoint when resuming."""
+    seed_everything(train_config.seed)
+    model = TinyLM(model_config)
+    fit_to_data(model, torch.from_numpy(np.asarray(corpus.tokens("train"), dtype=np.int64)), model_config.vocab_size)
+    optimizer = build_optimizer(model, train_config)
+    register_end_of_step(optimizer, model)  # routers' once-per-step updates (e.g. loss-free bias)
+    schedule = WarmupCosine(train_config.warmup_steps, train_config.steps, train_config.min_lr_ratio)
+    state = TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), ProbeHistory())
+    if resuming:
+        state.restore(read_checkpoint(files.checkpoint))
+        truncate_metrics(files.metrics, state.step)
+    elif files.metrics.exists():
+        files.metrics.unlink()
+    return state
+
+
+def train_step(state: TrainingState, data: RunData, config: TrainConfig, precision: str, label: str) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its ``metrics.jsonl`` train row."""
+    state.step += 1
+    step = state.step
+    start = time.perf_counter()
+    routings, losses, lm_losses, aux_losses = [], [], [], []
+    for micro in range(config.grad_accum):
+        batch = data.sampler.batch(step, micro)
+        with autocast(precision):
+            out = training_forward(state.model, batch, seed=config.seed, step=step, micro=micro)
+        if not torch.isfinite(out.loss):
+            raise RoutelabError(
+                f"the training loss became {float(out.loss)} at step {step} ({label}); lower lr "
+                f"(now {config.lr}) or use precision='fp32'. The last checkpoint is kept."
+            )
+        (out.loss / config.grad_accum).backward()
+        routings.append(out.routings)
+        losses.append(float(out.loss.detach()))
+        lm_losses.append(float(out.lm_loss.detach()))
+        aux_losses.append(float(out.aux_loss.detach()))
+    grad_norm = None
+    if config.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip))
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - start
+    state.train_tokens += config.tokens_per_step
+    state.train_time += elapsed
+    return {
+        "kind": "train", "step": step, "tokens": state.train_tokens, "lr": lr, "loss": sum(losses) / len(losses),
+        "lm_loss": sum(lm_losses) / len(lm_losses), "aux_loss": sum(aux_losses) / len(aux_losses),
+        "grad_norm": grad_norm, "step_time_s": elapsed, "tokens_per_s": config.tokens_per_step / elapsed,
+        **step_routing_stats(routings),
+    }
+
+
+def evaluation_row(state: TrainingState, data: RunData, files: RunFiles, precision: str, final: bool) -> dict[str, Any]:
+    """Evaluate on the validation set and the probe batch; the final evaluation also saves ``val_routing.npz``."""
+    collector = RoutingCollector() if final else None
+    metrics, probe_idx, probe_weight = evaluate(state.model, data.val_set, data.probe, data.domains, precision, collector)
+    if collector is not None:
+        collector.save(files.val_routing, state.model.moe_layers)
+    fluctuation = state.history.add(state.step, probe_idx, probe_weight)
+    return {"kind": "eval", "step": state.step, "tokens": state.train_tokens, "routing_fluctuation": fluctuation,
+            **metrics}
+
+
+def finish_run(
+    state: TrainingState, data: RunData, files: RunFiles, run_payload: dict[str, Any], *, label: str, router: str,
+    train_config: TrainConfig, precision: str, wall_time_s: float,
+) -> dict[str, Any]:
+    """Write ``model.pt``, ``probe_routing.npz`` and, last, ``summary.json``; returns the summary."""
+    params = state.model.parameter_counts()
+    summary = {
+        "label": label,
+        "router": router,
+        "seed": train_config.seed,
+        "steps": state.step,
+        "train_tokens": state.train_tokens,
+        "train_time_s": state.train_time,
+        "train_tokens_per_s": state.train_tokens / state.train_time if state.train_time > 0 else None,
+        "wall_time_s_last_session": wall_time_s,
+        "precision": precision,
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "moe_layers": state.model.moe_layers,
+        "final_eval": [r for r in read_metrics(files.metrics) if r["kind"] == "eval"][-1],
+    }
+    atomic_save({**run_payload, "format": MODEL_FORMAT, "step": state.step, "model": state.model.state_dict()},
+                files.model)
+    state.history.save(files.probe, data.probe, state.model.moe_layers)
+    write_json(files.summary, summary)
+    if not train_config.keep_checkpoint:
+        files.checkpoint.unlink(missing_ok=True)
+    return summary
+
+
+@holds_folder_lock(lambda run_dir, *args, **kwargs: run_dir, "run folder")
 def train_run(
     run_dir: str | Path,
     corpus: PreparedCorpus,
@@ -289,170 +457,49 @@ def train_run(
     """
     files = RunFiles(run_dir)
     console = console or Console(stderr=True)
-    label = label or (model_config.router if model_config.ffn == "moe" else "dense")
-    if model_config.max_seq_len < train_config.seq_len:
-        raise ConfigError(f"model max_seq_len={model_config.max_seq_len} < seq_len={train_config.seq_len}.")
-    if model_config.vocab_size != corpus.vocab_size:
-        raise ConfigError(f"model vocab_size={model_config.vocab_size} but the tokenizer has {corpus.vocab_size} tokens.")
+    router = model_config.router if model_config.ffn == "moe" else "dense"
+    label = label or router
+    check_run_inputs(corpus, model_config, train_config)
     record = config_record(model_config, train_config, corpus)
-    has_run = files.finished() or files.checkpoint.is_file()
-    if has_run and not resume:
-        raise ConfigError(
-            f"{str(files.root)!r} already holds a run; pass --resume to continue (or return) it, or choose another folder."
-        )
-    if files.config.is_file() and has_run:
-        stored = json.loads(files.config.read_text())
-        check_same_run(stored, record, files.root)
-        record["train_config"]["precision"] = stored["train_config"]["precision"]
+    resuming = open_run_folder(files, record, train_config, resume)
     if files.finished():
-        return json.loads(files.summary.read_text())
-
-    resuming = files.checkpoint.is_file()
-    if not resuming:
-        record["train_config"]["precision"] = resolve_precision(train_config.precision)
+        return read_json(files.summary, "run summary")
     precision = record["train_config"]["precision"]
-    files.root.mkdir(parents=True, exist_ok=True)
-    write_json(files.config, record)
-
-    seed_everything(train_config.seed)
-    model = TinyLM(model_config)
-    fit_hash_tables(model, corpus.tokens("train"))
-    optimizer = build_optimizer(model, train_config)
-    schedule = WarmupCosine(train_config.warmup_steps, train_config.steps, train_config.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    history = ProbeHistory()
-    step, train_tokens, train_time = 0, 0, 0.0
-    if resuming:
-        state = read_checkpoint(files.checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        history.load(state["probe_history"])
-        step = int(state["step"])
-        train_tokens, train_time = int(state["totals"]["train_tokens"]), float(state["totals"]["train_time_s"])
-        truncate_metrics(files.metrics, step)
-    elif files.metrics.exists():
-        files.metrics.unlink()
-
-    domains = corpus.domains
-    sampler = TrainSampler(corpus.tokens("train"), corpus.domain_labels("train"), train_config.seq_len,
-                           train_config.batch_size, train_config.seed)
-    val_tokens, val_labels = corpus.tokens("val"), corpus.domain_labels("val")
-    val_set = eval_batches(val_tokens, val_labels, train_config.seq_len, train_config.batch_size, train_config.eval_tokens)
-    probe = probe_batch(val_tokens, val_labels, train_config.seq_len, train_config.probe_sequences)
-    payload_common = {
+    state = start_training(files, corpus, model_config, train_config, resuming)
+    data = RunData.of(corpus, train_config)
+    run_payload = {
         "version": FORMAT_VERSION,
         "model_config": record["model_config"],
         "train_config": record["train_config"],
         "corpus": record["corpus"],
         "tokenizer": corpus.tokenizer.to_json(),
     }
-
-    def save_checkpoint() -> None:
-        atomic_save(
-            {
-                **payload_common,
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "data": {"seed": train_config.seed, "next_step": step + 1},
-                "totals": {"train_tokens": train_tokens, "train_time_s": train_time},
-                "probe_history": history.state(),
-            },
-            files.checkpoint,
-        )
-
     wall_start = time.perf_counter()
-    model.train()
+    state.model.train()
     with files.metrics.open("a") as log, deferred_interrupt() as stop, (
         make_progress(console) if show_progress else _NoProgress()
     ) as progress:
-        task = progress.add_task(label, total=train_config.steps, completed=step, loss="-", speed="-")
-        while step < train_config.steps:
-            step += 1
-            start = time.perf_counter()
-            routings, losses, lm_losses, aux_losses = [], [], [], []
-            for micro in range(train_config.grad_accum):
-                batch = sampler.batch(step, micro)
-                with autocast(precision):
-                    out = training_forward(model, batch, seed=train_config.seed, step=step, micro=micro)
-                if not torch.isfinite(out.loss):
-                    raise RoutelabError(
-                        f"the training loss became {float(out.loss)} at step {step} ({label}); lower lr "
-                        f"(now {train_config.lr}) or use precision='fp32'. The last checkpoint is kept."
-                    )
-                (out.loss / train_config.grad_accum).backward()
-                routings.append(out.routings)
-                losses.append(float(out.loss.detach()))
-                lm_losses.append(float(out.lm_loss.detach()))
-                aux_losses.append(float(out.aux_loss.detach()))
-            grad_norm = None
-            if train_config.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            end_of_step(model)
-            elapsed = time.perf_counter() - start
-            step_tokens = train_config.tokens_per_step
-            train_tokens += step_tokens
-            train_time += elapsed
-            loss = sum(losses) / len(losses)
-            if step % train_config.log_every == 0 or step == train_config.steps:
-                row = {
-                    "kind": "train", "step": step, "tokens": train_tokens, "lr": lr, "loss": loss,
-                    "lm_loss": sum(lm_losses) / len(lm_losses), "aux_loss": sum(aux_losses) / len(aux_losses),
-                    "grad_norm": grad_norm, "step_time_s": elapsed, "tokens_per_s": step_tokens / elapsed,
-                    **step_routing_stats(routings),
-                }
+        task = progress.add_task(label, total=train_config.steps, completed=state.step, loss="-", speed="-")
+        while state.step < train_config.steps:
+            row = train_step(state, data, train_config, precision, label)
+            step, last = state.step, state.step == train_config.steps
+            if step % train_config.log_every == 0 or last:
                 log.write(json.dumps(row) + "\n")
-            if step % train_config.eval_every == 0 or step == train_config.steps:
-                collector = RoutingCollector() if step == train_config.steps else None
-                metrics, probe_idx, probe_weight = evaluate(model, val_set, probe, domains, precision, collector)
-                if collector is not None:
-                    collector.save(files.val_routing, model.moe_layers)
-                fluctuation = history.add(step, probe_idx, probe_weight)
-                log.write(json.dumps({"kind": "eval", "step": step, "tokens": train_tokens,
-                                      "routing_fluctuation": fluctuation, **metrics}) + "\n")
+            if step % train_config.eval_every == 0 or last:
+                log.write(json.dumps(evaluation_row(state, data, files, precision, final=last)) + "\n")
             log.flush()
-            progress.update(task, completed=step, loss=f"{loss:.3f}", speed=f"{train_tokens / train_time:,.0f}")
-            if step % train_config.checkpoint_every == 0 or stop.requested or step == train_config.steps:
-                save_checkpoint()
+            progress.update(task, completed=step, loss=f"{row['loss']:.3f}",
+                            speed=f"{state.train_tokens / state.train_time:,.0f}")
+            if step % train_config.checkpoint_every == 0 or stop.requested or last:
+                atomic_save({**run_payload, **state.checkpoint(train_config.seed)}, files.checkpoint)
             if stop.requested:
                 console.print(f"[yellow]interrupted: checkpoint saved at step {step} in {files.root}; "
                               "resume with --resume.[/]")
                 raise KeyboardInterrupt
             if on_step_end is not None:
                 on_step_end(step)
-
-    params = model.parameter_counts()
-    final_eval = [r for r in read_metrics(files.metrics) if r["kind"] == "eval"][-1]
-    summary = {
-        "label": label,
-        "router": model_config.router if model_config.ffn == "moe" else "dense",
-        "seed": train_config.seed,
-        "steps": step,
-        "train_tokens": train_tokens,
-        "train_time_s": train_time,
-        "train_tokens_per_s": train_tokens / train_time if train_time > 0 else None,
-        "wall_time_s_last_session": time.perf_counter() - wall_start,
-        "precision": precision,
-        "params_total": params["total"],
-        "params_active": params["active"],
-        "moe_layers": model.moe_layers,
-        "final_eval": final_eval,
-    }
-    atomic_save({**payload_common, "format": MODEL_FORMAT, "step": step, "model": model.state_dict()}, files.model)
-    history.save(files.probe, probe, model.moe_layers)
-    write_json(files.summary, summary)
-    if not train_config.keep_checkpoint:
-        files.checkpoint.unlink(missing_ok=True)
-    return summary
+    return finish_run(state, data, files, run_payload, label=label, router=router, train_config=train_config,
+                      precision=precision, wall_time_s=time.perf_counter() - wall_start)
 
 
 class _NoProgress:

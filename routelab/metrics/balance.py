@@ -1,10 +1,10 @@
 """Load-balance metrics of a routing, per layer, with percentiles across layers.
 
-Definitions (specs/systems-and-adapters.md A4): for per-expert loads ``c_e``,
+Definitions: for per-expert loads ``c_e``,
 MaxVio = (max c - mean c) / mean c (Wang et al., "Auxiliary-loss-free load balancing",
 arXiv 2408.15664); CV = population std / mean; normalised entropy H(c / sum c) / ln E;
 min/max ratio; Gini coefficient; dead experts = experts with no load. MaxVio, CV, entropy
-and dead experts come from ``routelab.core.stats.balance_stats``, the same code that fills
+and dead experts come from ``routelab.core.routing_stats.balance_stats``, the same code that fills
 ``Routing.stats`` during training.
 
 Balance measured per batch and over the whole evaluation set differ (a router can balance
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from routelab.core.errors import ConfigError
-from routelab.core.stats import balance_stats
+from routelab.core.routing_stats import balance_stats
 
 METRICS = ("max_vio", "cv", "entropy", "gini", "min_max_ratio", "dead_experts")
 
@@ -45,7 +45,7 @@ def gini(load_E: np.ndarray) -> float:
 def balance_metrics(load_E: np.ndarray) -> dict[str, float]:
     """MaxVio, CV, normalised entropy, Gini, min/max ratio and dead experts of one load vector.
 
-    Example: ``[4, 2, 1, 1]`` gives MaxVio 1.0, CV 0.6124, entropy 0.875 (spec oracle).
+    Example: ``[4, 2, 1, 1]`` gives MaxVio 1.0, CV 0.6124, entropy 0.875 (hand-computed; tests/metrics/test_metrics.py).
     With zero total load every value is 0.
     """
     load = np.asarray(load_E, dtype=np.float64)

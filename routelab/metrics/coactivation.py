@@ -1,7 +1,7 @@
 """Expert co-activation within a layer and expert transitions between consecutive layers.
 
 - ``Co[i, j] = Σ_t A_ti A_tj`` for the ``[T, E]`` activity mask ``A`` (diagonal = load) and
-  the conditional ``P(j | i) = Co[i, j] / Co[i, i]`` (standard; specs A4).
+  the conditional ``P(j | i) = Co[i, j] / Co[i, i]`` (standard).
 - ``transitions[e, e'] = Σ_t A^{(l)}_{te} A^{(l+1)}_{te'}``: how often a token routed to e at
   layer l goes to e' at layer l+1. Row-normalised, it is the table a layer-ahead prefetcher
   uses to predict layer l+1's experts from layer l's routing (ExpertFlow, arXiv 2410.17954;

@@ -2,7 +2,7 @@
 
 - Top-k set flip rate ``1 - |S_a ∩ S_b| / k`` and Jaccard ``|S_a ∩ S_b| / |S_a ∪ S_b|``
   per token, averaged (the pairwise flip rate of Graph-of-Tokens, arXiv 2505.00792, as
-  reconstructed in specs/systems-and-adapters.md A4; for k = 1 it is the top-1 flip rate).
+  a reconstruction; for k = 1 it is the top-1 flip rate).
   With empty slots ``k = max(|S_a|, |S_b|)``; two empty sets count as unchanged.
 - StableMoE's last fluctuation step (Dai et al., "StableMoE: Stable Routing Strategy for
   Mixture of Experts", ACL 2022): over a sequence of checkpoints, the last checkpoint whose
@@ -99,16 +99,16 @@ class StableMoEFluctuation:
         return self.progress, settled
 
 
-def stablemoe_fluctuation(top1_CT: np.ndarray, steps: Sequence[float] | None = None) -> StableMoEFluctuation:
-    """Last fluctuation steps of ``top1_CT`` (int ``[checkpoints, tokens]`` target experts).
+def stablemoe_fluctuation(top1_QT: np.ndarray, steps: Sequence[float] | None = None) -> StableMoEFluctuation:
+    """Last fluctuation steps of ``top1_QT`` (int ``[checkpoints, tokens]`` target experts).
 
     Args:
         steps: training step of each checkpoint (default ``0 .. C-1``); progress is
             ``step / final step``.
     """
-    top1 = np.asarray(top1_CT)
+    top1 = np.asarray(top1_QT)
     if top1.ndim != 2 or top1.shape[0] < 1:
-        raise InputError(f"top1_CT must have shape [checkpoints, tokens], got {top1.shape}.")
+        raise InputError(f"top1_QT must have shape [checkpoints, tokens], got {top1.shape}.")
     num_ckpt = top1.shape[0]
     steps_arr = np.arange(num_ckpt, dtype=np.float64) if steps is None else np.asarray(steps, np.float64)
     if steps_arr.shape != (num_ckpt,) or (np.diff(steps_arr) <= 0).any():

@@ -111,7 +111,7 @@ def srp_from_histogram(hist: np.ndarray, window: int) -> tuple[float, int, np.nd
 
 
 def srp_histograms(
-    ids_NK: np.ndarray | AccessTrace,
+    ids_TK: np.ndarray | AccessTrace,
     num_experts: int,
     window: int,
     seq_offsets: np.ndarray,
@@ -119,7 +119,7 @@ def srp_histograms(
     per_sequence: bool = False,
 ) -> np.ndarray:
     """Window-count histograms: ``[W+1]`` summed, or ``[S, W+1]`` per sequence."""
-    return window_count_histogram(ids_NK, num_experts, window, seg_offsets=seq_offsets, per_segment=per_sequence)
+    return window_count_histogram(ids_TK, num_experts, window, seg_offsets=seq_offsets, per_segment=per_sequence)
 
 
 def _bootstrap_weights(num_sequences: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -258,7 +258,7 @@ class CacheCurve:
 
 
 def cache_hit_curve(
-    ids_NK: np.ndarray | AccessTrace,
+    ids_TK: np.ndarray | AccessTrace,
     num_items: int,
     policy: str,
     seq_offsets: np.ndarray | None = None,
@@ -275,7 +275,7 @@ def cache_hit_curve(
     The rate is total hits over total accesses (moe-lrc averages per-sequence rates, which is
     the same when all sequences have equal length).
     """
-    result = stack_replay(ids_NK, num_items, policy, seg_offsets=seq_offsets, future_len=future_len or 1)
+    result = stack_replay(ids_TK, num_items, policy, seg_offsets=seq_offsets, future_len=future_len or 1)
     hits = result.hits()
     accesses = int(result.accesses.sum())
     rate = hits.sum(axis=0) / max(accesses, 1)
@@ -285,7 +285,7 @@ def cache_hit_curve(
         samples = (weights @ hits) / np.maximum(weights @ result.accesses, 1)[:, None]
         bounds = np.array([_basic_ci(rate[c], samples[:, c], confidence) for c in range(num_items)])
         ci_low, ci_high = bounds[:, 0], bounds[:, 1]
-    slots = ids_NK.ids.shape[1] if isinstance(ids_NK, AccessTrace) else np.asarray(ids_NK).shape[1]
+    slots = ids_TK.ids.shape[1] if isinstance(ids_TK, AccessTrace) else np.asarray(ids_TK).shape[1]
     unit = capacity_unit or max(int(slots), 1)
     return CacheCurve(policy, future_len if policy == "sch" else None, layer, rate, unit, accesses, ci_low, ci_high)
 

@@ -1,9 +1,9 @@
 """Replay of expert-access traces: priority-stack caches, SRP window histograms, LRU prefetch.
 
-An access trace is ``ids_NK`` (int ``[N, K]``, ``-1`` = empty slot): ``N`` steps (tokens of
+An access trace is ``ids_TK`` (int ``[T, K]``, ``-1`` = empty slot): ``T`` steps (tokens of
 one layer, or tokens of a pooled model-level trace), each accessing up to ``K`` distinct
-items (experts). ``seg_offsets`` (``[S+1]``) splits the steps into segments (sequences)
-replayed from an empty cache each.
+items (experts). ``seg_offsets`` (one more entry than segments) splits the steps into
+segments (sequences) replayed from an empty cache each.
 
 ``stack_replay`` gives, in one pass, the moe-lrc hit counts and the loads of a
 demand-paging cache of *every* size for LRU, LFU (perfect), Belady and SCH, using a
@@ -55,9 +55,9 @@ class StackReplay:
         return self.accesses[:, None] - np.cumsum(self.keep_hist, axis=1)
 
 
-def segment_sums(values_N: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """int64 ``[S]`` sums of ``values_N`` over the segments ``[offsets[s], offsets[s+1])``."""
-    prefix = np.concatenate([[0], np.cumsum(values_N, dtype=np.int64)])
+def segment_sums(values_T: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int64 sums of ``values_T`` over the segments ``[offsets[s], offsets[s+1])``, one per segment."""
+    prefix = np.concatenate([[0], np.cumsum(values_T, dtype=np.int64)])
     return prefix[offsets[1:]] - prefix[offsets[:-1]]
 
 
@@ -72,21 +72,21 @@ class AccessTrace:
     num_items: int
 
 
-def access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarray | None = None) -> AccessTrace:
+def access_trace(ids_TK: np.ndarray, num_items: int, seg_offsets: np.ndarray | None = None) -> AccessTrace:
     """Validate an access trace: ids in ``[-1, num_items)``, no id twice in a step, offsets
     rising from 0 to ``N``."""
-    ids = np.asarray(ids_NK)
+    ids = np.asarray(ids_TK)
     if ids.ndim != 2:
-        raise InputError(f"ids_NK must have shape [steps, slots], got {ids.shape}.")
+        raise InputError(f"ids_TK must have shape [steps, slots], got {ids.shape}.")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"ids_NK must hold integer expert ids, got dtype {ids.dtype}.")
+        raise InputError(f"ids_TK must hold integer expert ids, got dtype {ids.dtype}.")
     if num_items < 1 or num_items > np.iinfo(np.int32).max:
         raise ConfigError(f"num_items must be in [1, 2^31), got {num_items}.")
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     if ids.size:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= num_items:
-            raise InputError(f"ids_NK holds ids in [{lo}, {hi}]; valid ids are 0..{num_items - 1} and -1 (empty).")
+            raise InputError(f"ids_TK holds ids in [{lo}, {hi}]; valid ids are 0..{num_items - 1} and -1 (empty).")
         if ids.shape[1] > 1:
             ordered = np.sort(ids, axis=1)
             dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
@@ -106,21 +106,21 @@ def access_trace(ids_NK: np.ndarray, num_items: int, seg_offsets: np.ndarray | N
 
 
 def check_access_trace(
-    ids_NK: np.ndarray | AccessTrace, num_items: int, seg_offsets: np.ndarray | None
+    ids_TK: np.ndarray | AccessTrace, num_items: int, seg_offsets: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, offsets)`` of an ``AccessTrace`` (checked to match) or of raw arrays (validated)."""
-    if isinstance(ids_NK, AccessTrace):
-        if ids_NK.num_items != num_items:
-            raise ConfigError(f"the access trace has {ids_NK.num_items} items but num_items={num_items}.")
-        if seg_offsets is not None and not np.array_equal(seg_offsets, ids_NK.offsets):
+    if isinstance(ids_TK, AccessTrace):
+        if ids_TK.num_items != num_items:
+            raise ConfigError(f"the access trace has {ids_TK.num_items} items but num_items={num_items}.")
+        if seg_offsets is not None and not np.array_equal(seg_offsets, ids_TK.offsets):
             raise ConfigError("seg_offsets differ from the offsets the access trace was built with.")
-        return ids_NK.ids, ids_NK.offsets
-    trace = access_trace(ids_NK, num_items, seg_offsets)
+        return ids_TK.ids, ids_TK.offsets
+    trace = access_trace(ids_TK, num_items, seg_offsets)
     return trace.ids, trace.offsets
 
 
 def stack_replay(
-    ids_NK: np.ndarray | AccessTrace,
+    ids_TK: np.ndarray | AccessTrace,
     num_items: int,
     policy: str,
     *,
@@ -128,7 +128,7 @@ def stack_replay(
     future_len: int = 1,
     native: bool | None = None,
 ) -> StackReplay:
-    """Replay ``ids_NK`` through caches of every size ``1..num_items`` with ``policy``.
+    """Replay ``ids_TK`` through caches of every size ``1..num_items`` with ``policy``.
 
     Args:
         policy: ``lru``, ``lfu`` (perfect LFU: counts survive eviction), ``belady``
@@ -143,7 +143,7 @@ def stack_replay(
     bad_len = isinstance(future_len, bool) or not isinstance(future_len, (int, np.integer)) or future_len < 1
     if policy == "sch" and bad_len:
         raise ConfigError(f"future_len must be an integer >= 1 for SCH, got {future_len!r}.")
-    ids, offsets = check_access_trace(ids_NK, num_items, seg_offsets)
+    ids, offsets = check_access_trace(ids_TK, num_items, seg_offsets)
     num_segments = len(offsets) - 1
     hit = np.zeros((num_segments, num_items), dtype=np.int64)
     keep = np.zeros((num_segments, num_items), dtype=np.int64)
@@ -162,7 +162,7 @@ def stack_replay(
 
 
 def window_count_histogram(
-    ids_NK: np.ndarray | AccessTrace,
+    ids_TK: np.ndarray | AccessTrace,
     num_items: int,
     window: int,
     *,
@@ -176,7 +176,7 @@ def window_count_histogram(
     gives one histogram per segment, ``[S, window+1]``."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ConfigError(f"window must be an integer >= 1, got {window!r}.")
-    ids, offsets = check_access_trace(ids_NK, num_items, seg_offsets)
+    ids, offsets = check_access_trace(ids_TK, num_items, seg_offsets)
     num_segments = len(offsets) - 1
     hist = np.zeros((num_segments if per_segment else 1, int(window) + 1), dtype=np.int64)
     lib = _kernels(native)
@@ -212,21 +212,21 @@ class PrefetchReplay:
 
 
 def lru_prefetch_replay(
-    demand_NK: np.ndarray,
-    prefetch_NM: np.ndarray,
+    demand_TK: np.ndarray,
+    prefetch_TM: np.ndarray,
     num_items: int,
     cache_size: int,
     *,
     seg_offsets: np.ndarray | None = None,
     native: bool | None = None,
 ) -> PrefetchReplay:
-    """Replay an LRU cache of ``cache_size`` items that loads ``prefetch_NM[t]`` before step ``t``."""
+    """Replay an LRU cache of ``cache_size`` items that loads ``prefetch_TM[t]`` before step ``t``."""
     if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
         raise ConfigError(f"cache_size must be an integer >= 1, got {cache_size!r}.")
-    demand, offsets = check_access_trace(demand_NK, num_items, seg_offsets)
-    prefetch, _ = check_access_trace(prefetch_NM, num_items, offsets)
+    demand, offsets = check_access_trace(demand_TK, num_items, seg_offsets)
+    prefetch, _ = check_access_trace(prefetch_TM, num_items, offsets)
     if prefetch.shape[0] != demand.shape[0]:
-        raise InputError(f"prefetch_NM has {prefetch.shape[0]} steps but demand_NK has {demand.shape[0]}.")
+        raise InputError(f"prefetch_TM has {prefetch.shape[0]} steps but demand_TK has {demand.shape[0]}.")
     totals = np.zeros(5, dtype=np.int64)
     step_d = np.zeros(demand.shape[0], dtype=np.int32)
     step_p = np.zeros(demand.shape[0], dtype=np.int32)

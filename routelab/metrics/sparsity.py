@@ -1,8 +1,8 @@
-"""Token-level and chunk-level activation sparsity of a routing (BlockFFN).
+"""Token-level and chunk-level activation sparsity of a recorded routing (BlockFFN).
 
 From BlockFFN (Song et al., "BlockFFN: towards end-side acceleration-friendly
-mixture-of-experts with chunk-level activation sparsity", arXiv 2507.08771;
-specs/token-routers.md §8):
+mixture-of-experts with chunk-level activation sparsity", arXiv 2507.08771); the routers
+report the same quantities per batch with ``routelab.core.routing_sparsity``:
 
 - ``TLS = 1 - nnz(A) / (T·E)``: the share of inactive (token, expert) pairs.
 - ``CLS(W) = 1 - (active (chunk, expert) pairs) / (chunks·E)``: chunks are ``W``

@@ -5,7 +5,7 @@
   routing in MoE" (arXiv 2510.04694) compares such distributions across languages with an
   "entropy-normalised" JSD whose exact normalisation is not published; ``normalize``
   offers ``none`` (nats), ``ln2`` (JSD / ln 2, in [0, 1]) and ``entropy`` (JSD divided by
-  the mean entropy of the two distributions) [reconstruction, specs A4].
+  the mean entropy of the two distributions) [reconstruction].
 - Mutual information between the expert an assignment goes to and the token's domain (or
   token id), in nats, with the normalised variant I / H(domain).
 - Expert-domain specialisation ``spec_e = max_d f_{e,d} / Σ_d f_{e,d}`` with ``f_{e,d}`` the
@@ -15,7 +15,7 @@
   every token type seen at least ``min_count`` times, the expert that receives the largest
   share of its assignments and that share.
 
-Oracles (spec A4): JSD(one-hot, disjoint one-hot) = ln 2 = 0.6931; JSD([.5,.5],[.9,.1]) = 0.1017.
+Oracles (hand-computed, tested): JSD(one-hot, disjoint one-hot) = ln 2 = 0.6931; JSD([.5,.5],[.9,.1]) = 0.1017.
 """
 
 from __future__ import annotations

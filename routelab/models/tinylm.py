@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary positions (RoFormer, Su et al.
 2021), causal ``F.scaled_dot_product_attention`` and tied input/output embeddings (Press &
 Wolf 2017), as in GPT-2/LLaMA-style small models. The FFN of every layer, or of every
-``moe_every``-th layer, is a ``routelab.MoE`` with any router preset.
+``moe_every``-th layer, is a routelab MoE layer with any router preset (``routelab.moe_layer``:
+``routelab.MoE``, or ``routelab.SoftMoE`` for a soft router).
 
 What routers get: one ``RoutingContext`` per forward (token ids for hash routers, the
 padding mask, an optional timestep, and the ``carry`` dict that layerwise-recurrent
@@ -32,11 +33,18 @@ from routelab.core.errors import ConfigError, InputError
 from routelab.core.routing import Routing
 from routelab.core.validation import check_choice, check_positive_int, check_token_tensor
 from routelab.moe.experts import ACTIVATIONS, DenseFFN
-from routelab.moe.layer import MoE
+from routelab.moe.soft import moe_layer
 from routelab.routers.registry import preset_info
 
 FFN_KINDS = ("dense", "moe")
 OBJECTIVES = ("causal", "masked-diffusion")
+
+
+def shape_field(default: Any, *, flag: str, help: str, minimum: int | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A ``TinyLMConfig`` field that experiments set: the lab's pydantic ``ModelSettings`` and the
+    ``--flag`` of ``routelab train`` / ``routelab compare`` are derived from it (default, help,
+    bounds), so the three cannot drift apart."""
+    return field(default=default, metadata={"flag": flag, "help": help, "minimum": minimum, "choices": choices})
 
 
 @dataclass
@@ -53,37 +61,51 @@ class TinyLMConfig:
         router_options: options of that preset (e.g. ``{"aux_loss_coef": 0.01}``).
         num_experts: routed experts per MoE layer.
         top_k: experts per token: one int, a list with one entry per MoE layer, or None
-            for the preset's default.
+            for the preset's default. The default 2 gives every router the same number of
+            active experts, which a comparison of routers needs.
         expert_d_hidden: hidden width of each routed expert (default ``d_ff``).
         moe_every: 1 = every FFN is MoE; n = layers ``n-1, 2n-1, ...`` are MoE.
         num_shared_experts, shared_d_hidden: always-on experts (DeepSeekMoE).
-        activation: ``swiglu`` or ``gelu``.
+        activation: ``swiglu``, ``gelu`` or ``relu``.
         rope_base: rotary base frequency.
         init_std: std of the embedding and projection initialisation.
         objective: ``causal`` (next-token prediction, causal attention) or
             ``masked-diffusion`` (bidirectional attention and one extra embedding row, the
             mask token ``vocab_size``; trained by ``routelab.models.masked_diffusion``).
+
+    The fields made with ``shape_field`` are the ones an experiment sets (``shape_fields()``).
     """
 
     vocab_size: int
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = shape_field(128, flag="--d-model", help="Model width.", minimum=2)
+    n_layers: int = shape_field(4, flag="--n-layers", help="Transformer layers.", minimum=1)
+    n_heads: int = shape_field(4, flag="--n-heads", help="Attention heads.", minimum=1)
     max_seq_len: int = 256
     ffn: str = "moe"
-    d_ff: int | None = None
+    d_ff: int | None = shape_field(None, flag="--d-ff", help="Width of the dense FFNs (default: 4*d_model).", minimum=1)
     router: str = "mixtral"
     router_options: dict[str, Any] = field(default_factory=dict)
-    num_experts: int = 8
-    top_k: int | list[int] | None = None
-    expert_d_hidden: int | None = None
-    moe_every: int = 1
-    num_shared_experts: int = 0
-    shared_d_hidden: int | None = None
-    activation: str = "swiglu"
+    num_experts: int = shape_field(8, flag="--num-experts", help="Routed experts per MoE layer.", minimum=1)
+    top_k: int | list[int] | None = shape_field(
+        2, flag="--top-k", help="Experts per token, or one value per MoE layer (comma-separated)."
+    )
+    expert_d_hidden: int | None = shape_field(
+        None, flag="--expert-d-hidden", help="Hidden width of each expert (default: 4*d_model).", minimum=1
+    )
+    moe_every: int = shape_field(1, flag="--moe-every", help="Every n-th layer is MoE (1 = all).", minimum=1)
+    num_shared_experts: int = shape_field(
+        0, flag="--shared-experts", help="Always-on shared experts per MoE layer.", minimum=0
+    )
+    shared_d_hidden: int | None = shape_field(
+        None, flag="--shared-d-hidden", help="Hidden width of each shared expert (default: the expert width).",
+        minimum=1,
+    )
+    activation: str = shape_field("swiglu", flag="--activation", help=f"FFN activation: {', '.join(ACTIVATIONS)}.",
+                                  choices=ACTIVATIONS)
     rope_base: float = 10000.0
     init_std: float = 0.02
-    objective: str = "causal"
+    objective: str = shape_field("causal", flag="--objective", help=f"Training objective: {', '.join(OBJECTIVES)}.",
+                                 choices=OBJECTIVES)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "moe_every"):
@@ -170,6 +192,11 @@ class TinyLMConfig:
         return dataclasses.replace(self, ffn="dense", d_ff=width, router_options={}, top_k=None)
 
 
+def shape_fields() -> list[dataclasses.Field]:
+    """The ``TinyLMConfig`` fields that experiments set, in declaration order (see ``shape_field``)."""
+    return [f for f in dataclasses.fields(TinyLMConfig) if "flag" in f.metadata]
+
+
 @dataclass
 class TinyLMOutput:
     """What ``TinyLM.forward`` returns.
@@ -199,11 +226,11 @@ def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x_BASd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs ``(i, i + d/2)`` by the position angle (the "rotate half" layout)."""
-    half = x_BHSd.shape[-1] // 2
-    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
-    return x_BHSd * cos_Sd.to(x_BHSd.dtype) + rotated * sin_Sd.to(x_BHSd.dtype)
+    half = x_BASd.shape[-1] // 2
+    rotated = torch.cat([-x_BASd[..., half:], x_BASd[..., :half]], dim=-1)
+    return x_BASd * cos_Sd.to(x_BASd.dtype) + rotated * sin_Sd.to(x_BASd.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -241,9 +268,9 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(seq, seq, dtype=torch.bool, device=x_BSD.device).tril()
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs_BHSS = torch.softmax(scores, dim=-1)
-            probs_BSS = probs_BHSS.mean(dim=1)
-            y = probs_BHSS.to(v.dtype) @ v
+            probs_BASS = torch.softmax(scores, dim=-1)
+            probs_BSS = probs_BASS.mean(dim=1)
+            y = probs_BASS.to(v.dtype) @ v
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -282,7 +309,7 @@ class Block(nn.Module):
             info = preset_info(config.router)
             if info.needs_token_ids and "seed" in info.specific_options() and "seed" not in options:
                 options["seed"] = layer_index  # token-id hashing: a different hash function per layer
-            self.ffn = MoE(
+            self.ffn = moe_layer(
                 d_model=config.d_model,
                 d_hidden=config.expert_d_hidden or config.ffn_width,
                 num_experts=config.num_experts,

@@ -5,7 +5,7 @@ from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.moe.hops import HopsOutput, apply_hops
 from routelab.moe.layer import MoE, MoEOutput
 from routelab.moe.pool import ExpertPool, build_rexmoe_layers
-from routelab.moe.soft import SoftMoE
+from routelab.moe.soft import SoftMoE, moe_layer
 
 __all__ = [
     "BatchedExperts",
@@ -18,5 +18,6 @@ __all__ = [
     "apply_hops",
     "build_rexmoe_layers",
     "dispatch_combine",
+    "moe_layer",
     "sort_by_expert",
 ]

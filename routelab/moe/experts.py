@@ -116,17 +116,25 @@ class BatchedExperts(nn.Module):
         return self.activate(h_NH) @ self.w_out_EHD[expert].to(x_ND.dtype)
 
     def forward_sorted(
-        self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None
+        self,
+        x_ND: torch.Tensor,
+        counts_E: torch.Tensor,
+        weight_N: torch.Tensor | None = None,
+        *,
+        w_in_EDH: torch.Tensor | None = None,
+        w_out_EHD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the experts on rows sorted by expert (``counts_E[e]`` rows for expert e).
 
         ``weight_N`` (optional) scales each row's output (gate weights), applied to the
-        hidden activation before the down projection.
+        hidden activation before the down projection. ``w_in_EDH``/``w_out_EHD`` run other
+        weights of the same shape per expert (expert parallelism: the local experts plus
+        experts lent by other ranks for one step).
         """
         dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
-        w_in = self.w_in_EDH.to(dtype)
-        w_out = self.w_out_EHD.to(dtype)
+        w_in = (self.w_in_EDH if w_in_EDH is None else w_in_EDH).to(dtype)
+        w_out = (self.w_out_EHD if w_out_EHD is None else w_out_EHD).to(dtype)
         if self.use_grouped_mm(dtype):
             offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
             act_NH = self.activate(F.grouped_mm(x_ND, w_in, offs=offsets_E))

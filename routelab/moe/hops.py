@@ -1,4 +1,4 @@
-"""Multi-hop application of one MoE layer with zero-shot relative-norm halting (spec §6).
+"""Multi-hop application of one MoE layer with zero-shot relative-norm halting.
 
 "Equifinality in Mixture-of-Experts Routing" (arXiv 2604.14419) applies the same MoE block
 ``H`` times, re-routing at every hop: ``h_{j+1} = h_j + MoE(h_j)``. At inference a token can

@@ -15,13 +15,15 @@ from torch import nn
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
-from routelab.core.validation import check_activations, check_positive_int, check_token_tensor
+from routelab.core.validation import check_activations, check_positive_int, check_token_tensor, inputs_checked_by_layer
 from routelab.moe.dispatch import dispatch_combine
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.routers.parts.router import Router
 from routelab.routers.parts.expert_access import attach_experts
 from routelab.routers.registry import create_router
-from routelab.routers.families.soft import SOFT_LAYER_PRESETS
+
+
+LAYER_OF_KIND = {"token": "routelab.MoE", "soft": "routelab.SoftMoE"}
 
 
 @dataclass
@@ -63,21 +65,13 @@ class MoE(nn.Module):
         **router_options: options of the preset (e.g. ``capacity_factor``, ``z_loss_coef``).
 
     Router parts that read expert weights (ERC loss, MoE-X) get the experts through
-    ``routelab.routers.parts.expert_access.attach_experts``, called here. ``router="soft-moe"``
-    (or a ``SoftRouter``) makes ``MoE(...)`` return a ``routelab.moe.SoftMoE``, whose
-    slots are soft combinations of tokens (see ``__new__``).
+    ``routelab.routers.parts.expert_access.attach_experts``, called here. A soft router
+    (``"soft-moe"``, whose experts process mixtures of tokens) cannot run through discrete
+    dispatch and is refused: use ``routelab.SoftMoE``, or ``routelab.moe_layer``, which
+    picks the layer for any router.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> MoE:
-        # Soft MoE cannot run through discrete dispatch: MoE(router="soft-moe") builds the
-        # SoftMoE subclass (same constructor arguments, forward and MoEOutput).
-        router = kwargs.get("router")
-        soft = (isinstance(router, str) and router in SOFT_LAYER_PRESETS) or getattr(router, "layer_kind", None) == "soft"
-        if cls is MoE and soft:
-            from routelab.moe.soft import SoftMoE
-
-            cls = SoftMoE
-        return super().__new__(cls)
+    layer_kind = "token"  # the routers' ``layer_kind`` this layer runs
 
     def __init__(
         self,
@@ -113,6 +107,7 @@ class MoE(nn.Module):
             self.router = create_router(router, d_model=d_model, num_experts=num_experts, top_k=top_k, **router_options)
         else:
             raise ConfigError(f"router must be a preset name or a routelab Router, got {type(router).__name__}.")
+        self.check_layer_kind()
         self.top_k = self.router.top_k
         if experts is None:
             self.experts = BatchedExperts(num_experts, d_model, d_hidden, activation, dispatch)
@@ -135,6 +130,14 @@ class MoE(nn.Module):
                 raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1.")
             self.shared_gate = nn.Linear(d_model, 1, bias=False)
         self.check_inputs = check_inputs
+
+    def check_layer_kind(self) -> None:
+        if self.router.layer_kind != self.layer_kind:
+            raise ConfigError(
+                f"router {self.router.name!r} is a {self.router.layer_kind!r} router and runs in "
+                f"{LAYER_OF_KIND.get(self.router.layer_kind, '?')}, not {LAYER_OF_KIND[self.layer_kind]}: build "
+                "the layer with that class, or with routelab.moe_layer(...), which picks the layer for any router."
+            )
 
     def forward(
         self,
@@ -159,7 +162,8 @@ class MoE(nn.Module):
         x_TD, batch = self.real_tokens(
             x, padding_mask, token_ids, timestep=timestep, attention=attention, context=context
         )
-        routing = self.router(x_TD, batch)
+        with inputs_checked_by_layer():
+            routing = self.router(x_TD, batch)
         y_TD = dispatch_combine(x_TD, routing.topk_idx, routing.topk_weight, self.experts)
         y_TD = self.add_shared_experts(x_TD, y_TD)
         return MoEOutput(y=self.padded_output(y_TD, batch), routing=routing, aux_loss=routing.aux_loss)

@@ -1,8 +1,9 @@
 """The Soft MoE layer (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts",
 arXiv 2308.00951): experts process *slots*, soft combinations of a sequence's tokens.
 
-``routelab.MoE(..., router="soft-moe")`` returns a ``SoftMoE`` (same constructor, same
-``forward`` signature, same ``MoEOutput``). Per sequence:
+``SoftMoE(..., router="soft-moe")`` takes the constructor arguments of ``routelab.MoE`` and
+returns the same ``MoEOutput``; ``routelab.moe_layer`` builds a ``SoftMoE`` for a soft
+router and an ``MoE`` for any other. Per sequence:
 
 1. slot logits ``L = x Phi`` (``[S, E*p]``, from ``SoftRouter``);
 2. dispatch ``D = softmax over the real tokens`` of each slot column; slot inputs
@@ -24,18 +25,25 @@ import torch
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.moe.layer import MoE, MoEOutput
+from routelab.routers.parts.router import Router
+from routelab.routers.registry import preset_info
 from routelab.routers.parts.layout import to_padded
 from routelab.routers.families.soft import SoftRouter, soft_dispatch_weights
 
 
 class SoftMoE(MoE):
-    """A Soft MoE layer. Arguments as ``routelab.MoE``; the router must be ``"soft-moe"``
-    (options ``slots_per_expert``, ``normalize``) or a ``SoftRouter``."""
+    """A Soft MoE layer. Arguments as ``routelab.MoE``; the router must be a soft one:
+    ``"soft-moe"`` (options ``slots_per_expert``, ``normalize``) or a built ``SoftRouter``."""
+
+    layer_kind = "soft"
 
     def __init__(self, **kwargs: Any) -> None:
         router = kwargs.get("router", "soft-moe")
-        if not ((isinstance(router, str) and router == "soft-moe") or isinstance(router, SoftRouter)):
-            raise ConfigError(f"SoftMoE needs router='soft-moe' or a SoftRouter, got {router!r}.")
+        if router_layer_kind(router) != "soft":
+            raise ConfigError(
+                f"SoftMoE needs a soft router (router='soft-moe' or a SoftRouter), got {router!r}; "
+                "routelab.MoE runs the others."
+            )
         if kwargs.get("experts") is not None:
             raise ConfigError("SoftMoE builds its own experts; experts= is not supported.")
         kwargs["router"] = router
@@ -51,7 +59,18 @@ class SoftMoE(MoE):
         attention: torch.Tensor | None = None,
         context: RoutingContext | None = None,
     ) -> MoEOutput:
-        """Run the Soft MoE layer on ``x`` (``[batch, seq, d_model]``); arguments as ``MoE.forward``."""
+        """Run the Soft MoE layer on ``x`` (``[batch, seq, d_model]``); arguments as ``MoE.forward``.
+
+        Soft MoE routing depends on neither a timestep nor an attention matrix, so both
+        arguments are refused rather than ignored. A shared ``context`` may carry them: it is
+        the whole model's, and each router reads only what it uses.
+        """
+        for name, value in (("timestep", timestep), ("attention", attention)):
+            if value is not None:
+                raise ConfigError(
+                    f"SoftMoE got {name}=..., which Soft MoE routing does not use; pass no {name} to this layer "
+                    f"(a timestep- or attention-dependent router runs in routelab.MoE)."
+                )
         x_TD, batch = self.real_tokens(x, padding_mask, token_ids, context=context)
         assert isinstance(self.router, SoftRouter)
         soft = self.router.route_slots(x_TD, batch)
@@ -73,3 +92,19 @@ class SoftMoE(MoE):
         out_BND = out_ND.view(num_slots, batch.batch_size, self.d_model).transpose(0, 1).to(dtype)
         y_BSD = torch.bmm(combine_BSN, out_BND)
         return y_BSD.reshape(-1, self.d_model).index_select(0, batch.flat_index_T)
+
+
+def router_layer_kind(router: str | Router) -> str:
+    """``"token"`` or ``"soft"``: the layer a preset name or a built router runs in."""
+    if isinstance(router, str):
+        return preset_info(router).layer_kind
+    return getattr(router, "layer_kind", "token")
+
+
+def moe_layer(**kwargs: Any) -> MoE:
+    """The MoE layer for ``router``: a ``SoftMoE`` for a soft router, else a ``routelab.MoE``.
+
+    Takes the keyword arguments of ``routelab.MoE`` (``router`` defaults to ``"mixtral"``).
+    """
+    layer = SoftMoE if router_layer_kind(kwargs.get("router", "mixtral")) == "soft" else MoE
+    return layer(**kwargs)

@@ -17,9 +17,16 @@ from typing import Any
 
 from routelab.core.errors import ConfigError, suggest
 from routelab.core.registry import Registry
-from routelab.core.validation import check_capacity_factor, check_choice, check_non_negative, check_positive_int, check_top_k
-from routelab.routers.parts.router import Router
+from routelab.core.validation import (
+    check_capacity_factor,
+    check_choice,
+    check_non_negative,
+    check_option_type,
+    check_positive_int,
+    check_top_k,
+)
 from routelab.routers.parts.capacity import DROP_POLICIES
+from routelab.routers.parts.router import Router
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class PresetInfo:
         min_top_k: the smallest ``top_k`` the preset accepts.
         needs_token_ids: the router reads ``token_ids`` instead of hidden states.
         needs_attention: the router reads the attention matrix (``attention=`` of the layer).
+        layer_kind: the layer that runs the router: ``"token"`` (``routelab.MoE``) or
+            ``"soft"`` (``routelab.SoftMoE``, slots mixed from tokens); ``routelab.moe_layer``
+            picks it.
     """
 
     name: str
@@ -99,6 +109,7 @@ class PresetInfo:
     min_top_k: int = 1
     needs_token_ids: bool = False
     needs_attention: bool = False
+    layer_kind: str = "token"
 
     def specific_options(self) -> dict[str, Any]:
         """The preset's own options and their defaults."""
@@ -125,6 +136,7 @@ def register_preset(
     min_top_k: int = 1,
     needs_token_ids: bool = False,
     needs_attention: bool = False,
+    layer_kind: str = "token",
 ) -> Callable[[Builder], Builder]:
     """Register ``builder(spec: RouterSpec, common: CommonOptions, **options) -> Router``."""
 
@@ -142,6 +154,7 @@ def register_preset(
                 min_top_k=min_top_k,
                 needs_token_ids=needs_token_ids,
                 needs_attention=needs_attention,
+                layer_kind=layer_kind,
             ),
         )
         return builder
@@ -183,7 +196,10 @@ def create_router(
     specific_names = info.specific_options()
     common_kwargs = dict(info.common_defaults)
     specific_kwargs: dict[str, Any] = {}
+    defaults = info.options()
     for key, value in overrides.items():
+        if key in defaults:
+            check_option_type(f"router {name!r}", key, value, defaults[key])
         if key in COMMON_OPTION_NAMES:
             common_kwargs[key] = value
         elif key in specific_names:
@@ -196,6 +212,7 @@ def create_router(
     common = CommonOptions(**common_kwargs).validate()
     router = info.builder(RouterSpec(d_model, num_experts, top_k), common, **specific_kwargs)
     router.name = name
+    router.d_model = d_model
     from routelab.routers.option_use import check_common_options_used
 
     preset_defaults = dataclasses.asdict(CommonOptions(**info.common_defaults))

@@ -24,19 +24,20 @@ default) or of per-expert loads (the paper's text).
 per-rank send or receive volume over the link; LLEP adds the expert weights each helper
 receives. Tokens start spread evenly over the ranks in order (rank ``r`` holds tokens
 ``[r·T/P, (r+1)·T/P)``); assignments to the local rank move no bytes.
-Oracle (spec A3): loads [80,0,10,10,0,0,0,0], P = 4, m = 1, α = 1 -> expert 0 on GPU0
+Oracle (hand-computed, tested): loads [80,0,10,10,0,0,0,0], P = 4, m = 1, α = 1 -> expert 0 on GPU0
 [0,25), GPU2 [25,50), GPU3 [50,75), GPU1 [75,80); loads [25,25,25,25].
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.core.validation import check_choice
+from routelab.core.validation import check_choice, check_non_negative, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,15 @@ class EPCostModel:
     p2p_bandwidth: float = 200e9
     act_bytes: int = 2
     weight_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_hidden", "act_bytes", "weight_bytes"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("flops", "link_bandwidth", "p2p_bandwidth"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}.")
+        check_non_negative("gemm_overhead_s", self.gemm_overhead_s)
 
     @property
     def token_s(self) -> float:

@@ -29,7 +29,7 @@ def serving_summary(
         ``lru_hit_2k``: LRU under the same rules; ``lru_serving_hit_2k``: LRU share of expert
         uses that need no load, one continuous stream per layer; ``ep_devices``;
         ``ep_max_mean`` and ``ep_max_mean_llep``: device max/mean load per step, standard EP
-        and LLEP with the spec defaults λ = 1.3, α = 1, m = 1024; ``llep_speedup``: modelled
+        and LLEP with the defaults λ = 1.3, α = 1, m = 1024; ``llep_speedup``: modelled
         step time, standard / LLEP.
     """
     k = active_experts(trace)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.text import read_text
 from routelab.traces.recorder import TraceRecorder
 from routelab.traces.writer import TraceWriter
 
@@ -47,19 +48,11 @@ def parse_corpus(specs: Sequence[str]) -> list[CorpusEntry]:
         files = (path,) if path.is_file() else tuple(sorted(p for p in path.rglob("*") if p.is_file()))
         if not files:
             raise ConfigError(f"corpus folder {str(path)!r} holds no files.")
+        if not any(read_text(f) for f in files):
+            raise ConfigError(f"corpus {str(path)!r} (from --corpus {spec!r}) holds no UTF-8 text (only binary or "
+                              "empty files).")
         entries.append(CorpusEntry(domain, path, files))
     return entries
-
-
-def read_text(path: Path) -> str | None:
-    """The file as UTF-8 text, or None for binary/undecodable files."""
-    data = path.read_bytes()
-    if b"\x00" in data[:4096]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def token_sequences(
@@ -174,3 +167,10 @@ def record_corpus(
 def corpus_description(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
     """JSON description of the corpus for the trace header."""
     return [{"domain": e.domain, "path": os.fspath(e.path), "files": len(e.files)} for e in entries]
+
+
+def corpus_fingerprint(entries: Sequence[CorpusEntry]) -> list[dict[str, Any]]:
+    """Per domain, a SHA-256 of its files' bytes: what a resumed trace must find unchanged."""
+    from routelab.traces.resume_check import file_sha256
+
+    return [{"domain": e.domain, "files": len(e.files), "sha256": file_sha256(e.files)} for e in entries]

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.traces.reader import LayerRouting, TokenTable, sequence_offsets
+from routelab.traces.reader import LayerRouting, TokenTable, selected_layers, selected_rows, sequence_offsets
 
 
 class TraceLike(Protocol):
@@ -180,9 +180,13 @@ class InMemoryTrace:
     def metadata(self) -> dict[str, Any]:
         return dict(self._metadata)
 
-    def layer(self, layer: int) -> LayerRouting:
+    def _check_layer(self, layer: int) -> int:
         if layer not in self._idx:
             raise ConfigError(f"layer={layer!r} is not in this trace; available layers: {list(self._idx)}.")
+        return layer
+
+    def layer(self, layer: int) -> LayerRouting:
+        layer = self._check_layer(layer)
         return LayerRouting(self._idx[layer], self._weight[layer])
 
     def topk_idx(self, layer: int) -> np.ndarray:
@@ -202,27 +206,9 @@ class InMemoryTrace:
         sequences: Sequence[int] | np.ndarray | None = None,
         max_tokens: int | None = None,
     ) -> InMemoryTrace:
-        """The same selections as ``Trace.select``."""
-        keep_layers = tuple(self._idx) if layers is None else tuple(layers)
-        for layer in keep_layers:
-            self.layer(layer)
-        keep = np.ones(self.num_tokens, bool)
-        if domain is not None:
-            wanted = [domain] if isinstance(domain, (str, int)) else list(domain)
-            codes = []
-            for d in wanted:
-                if isinstance(d, str):
-                    if d not in self._domain_names:
-                        raise ConfigError(f"domain={d!r} is not in this trace; domains: {self._domain_names}.")
-                    codes.append(self._domain_names.index(d))
-                else:
-                    codes.append(int(d))
-            keep &= np.isin(self._tokens.domain, codes)
-        if sequences is not None:
-            keep &= np.isin(self._tokens.seq_id, np.asarray(sequences, np.int64))
-        if max_tokens is not None:
-            keep[int(max_tokens):] = False
-        rows = np.flatnonzero(keep)
+        """The same selections as ``Trace.select`` (the same checks and messages)."""
+        keep_layers = selected_layers(layers, tuple(self._idx), self._check_layer)
+        rows = selected_rows(self._tokens, self._domain_names, domain, sequences, max_tokens)
         return InMemoryTrace(
             {layer: self._idx[layer][rows] for layer in keep_layers},
             {layer: self._weight[layer][rows] for layer in keep_layers},

@@ -7,7 +7,7 @@ Every failure to read (missing or truncated shard, corrupt page, values out of r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelab.core.errors import ConfigError, InputError, suggest
+from routelab.core.validation import check_positive_int
 from routelab.traces.format import (
     TOKEN_COLUMNS,
     idx_column,
@@ -52,6 +53,49 @@ class TokenTable:
 
     def take(self, rows: np.ndarray) -> TokenTable:
         return TokenTable(self.token_id[rows], self.seq_id[rows], self.position[rows], self.domain[rows])
+
+
+def selected_layers(
+    layers: Sequence[int] | None, all_layers: tuple[int, ...], check: Callable[[int], int]
+) -> tuple[int, ...]:
+    """The layers a selection keeps (``None`` = all), each checked by ``check``; at least one."""
+    if layers is None:
+        return all_layers
+    kept = tuple(check(layer) for layer in layers)
+    if not kept:
+        raise ConfigError("layers must name at least one layer.")
+    return kept
+
+
+def domain_code(domain: str | int, names: Sequence[str]) -> int:
+    """The code of a domain given by name or code (``-1`` = no domain), checked against ``names``."""
+    names = list(names)
+    if isinstance(domain, str):
+        if domain not in names:
+            raise ConfigError(f"domain={domain!r} is not in this trace.{suggest(domain, names)} Domains: {names}.")
+        return names.index(domain)
+    if not -1 <= int(domain) < len(names):
+        raise ConfigError(f"domain code {domain} is out of range; the trace has domains {names}.")
+    return int(domain)
+
+
+def selected_rows(
+    tokens: TokenTable,
+    domain_names: Sequence[str],
+    domain: str | int | Sequence[str | int] | None,
+    sequences: Sequence[int] | np.ndarray | None,
+    max_tokens: int | None,
+) -> np.ndarray:
+    """Indices of the token rows that a ``select(domain=, sequences=, max_tokens=)`` keeps."""
+    keep = np.ones(len(tokens), dtype=bool)
+    if domain is not None:
+        codes = [domain_code(d, domain_names) for d in ([domain] if isinstance(domain, (str, int)) else domain)]
+        keep &= np.isin(tokens.domain, codes)
+    if sequences is not None:
+        keep &= np.isin(tokens.seq_id, np.asarray(sequences, dtype=np.int64))
+    if max_tokens is not None:
+        keep[check_positive_int("max_tokens", max_tokens):] = False
+    return np.flatnonzero(keep)
 
 
 @dataclass(frozen=True)
@@ -309,37 +353,14 @@ class Trace:
         max_tokens: int | None = None,
     ) -> Trace:
         """A view restricted to some layers, domains, sequence ids and/or the first ``max_tokens`` rows."""
-        new_layers = self._layers
-        if layers is not None:
-            new_layers = tuple(self._check_layer(layer) for layer in layers)
-            if not new_layers:
-                raise ConfigError("layers must name at least one layer.")
-        keep = None
+        new_layers = selected_layers(layers, self._layers, self._check_layer)
+        local = None
         if domain is not None or sequences is not None or max_tokens is not None:
-            tokens = self.tokens()
-            keep = np.ones(len(tokens), dtype=bool)
-            if domain is not None:
-                codes = [self._domain_code(d) for d in ([domain] if isinstance(domain, (str, int)) else domain)]
-                keep &= np.isin(tokens.domain, codes)
-            if sequences is not None:
-                keep &= np.isin(tokens.seq_id, np.asarray(sequences, dtype=np.int64))
-            if max_tokens is not None:
-                keep[int(max_tokens):] = False
+            local = selected_rows(self.tokens(), self.domain_names, domain, sequences, max_tokens)
         rows = self._rows
-        if keep is not None:
-            local = np.flatnonzero(keep)
+        if local is not None:
             rows = local if self._rows is None else self._rows[local]
         return Trace(self._files, new_layers, rows)
-
-    def _domain_code(self, domain: str | int) -> int:
-        names = self.domain_names
-        if isinstance(domain, str):
-            if domain not in names:
-                raise ConfigError(f"domain={domain!r} is not in this trace.{suggest(domain, names)} Domains: {names}.")
-            return names.index(domain)
-        if not -1 <= int(domain) < len(names):
-            raise ConfigError(f"domain code {domain} is out of range; the trace has domains {names}.")
-        return int(domain)
 
     # ------------------------------------------------------------------ chunked reading
     def iter_chunks(self, layers: Sequence[int] | None = None) -> Iterator[TraceChunk]:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from routelab.core.errors import ConfigError, InputError
+from routelab.core.run_lock import LOCK_FILE, FolderLock
 from routelab.core.validation import check_positive_int
 from routelab.traces.format import (
     FORMAT_NAME,
@@ -127,11 +128,17 @@ class TraceWriter:
         self.row_group_tokens = min(check_positive_int("row_group_tokens", row_group_tokens), self.shard_tokens)
         self._schema = shard_schema(self.num_layers, self.num_experts)
         self._id_dtype = np.int16 if expert_id_type(self.num_experts) == pa.int16() else np.int32
-        if _header is None:
-            self._header = self._new_header(metadata)
-            self._prepare_directory(overwrite)
-        else:
-            self._header = _header
+        self._lock = FolderLock(self.path, "trace folder").acquire()
+        self._fresh = _header is None
+        try:
+            if _header is None:
+                self._header = self._new_header(metadata)
+                self._prepare_directory(overwrite)
+            else:
+                self._header = _header
+        except BaseException:
+            self._lock.release()
+            raise
         self._domain_codes = {name: i for i, name in enumerate(self._header["domain_names"])}
         self._layer_rows = [0] * self.num_layers  # rows delivered per layer since the last flush origin
         self._layer_queues = [_RowQueue() for _ in range(self.num_layers)]
@@ -180,7 +187,7 @@ class TraceWriter:
         if self.path.exists():
             if not self.path.is_dir():
                 raise ConfigError(f"trace path {str(self.path)!r} exists and is not a directory.")
-            if any(self.path.iterdir()):
+            if any(p.name != LOCK_FILE for p in self.path.iterdir()):
                 if not overwrite:
                     raise ConfigError(
                         f"trace path {str(self.path)!r} already exists and is not empty; pass overwrite=True "
@@ -190,8 +197,9 @@ class TraceWriter:
                     raise ConfigError(
                         f"refusing to overwrite {str(self.path)!r}: it is not a routelab trace (no {HEADER_FILE})."
                     )
-                shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+                for entry in self.path.iterdir():  # everything but the lock this writer holds
+                    if entry.name != LOCK_FILE:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         write_json_atomic(self.path / HEADER_FILE, self._header)
 
     @classmethod
@@ -439,6 +447,7 @@ class TraceWriter:
         self._close_shard()
         self._publish(complete=True, state=self._header["resume_state"])
         self._closed = True
+        self._lock.release()
 
     def abort(self) -> None:
         """Drop everything not committed; the trace on disk stays at its last commit."""
@@ -452,6 +461,9 @@ class TraceWriter:
             (self.path / shard["file"]).unlink(missing_ok=True)
         self._uncommitted_shards = []
         self._closed = True
+        if self._fresh and self._committed_tokens == 0:  # nothing to resume: leave no stub behind
+            (self.path / HEADER_FILE).unlink(missing_ok=True)
+        self._lock.release()
 
     def _publish(self, *, complete: bool, state: Any) -> None:
         shards = self._header["shards"] + self._uncommitted_shards

@@ -15,7 +15,7 @@ from rich.console import Console
 from routelab.core.errors import ConfigError
 from routelab.lab.experiment import load_experiment, run_experiment
 from routelab.lab.run_metrics import RUN_METRICS, RunRecord, register_run_metric, run_columns
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 from routelab.lab.train import read_metrics
 
 TINY = {

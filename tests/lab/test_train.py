@@ -164,7 +164,7 @@ def test_atomic_save_and_bad_files(tmp_path):
     with pytest.raises(InputError, match="not a routelab TinyLM checkpoint"):
         read_checkpoint(tmp_path / "a.pt")
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(InputError, match="not a readable routelab checkpoint"):
+    with pytest.raises(InputError, match="is not a routelab checkpoint"):
         read_checkpoint(tmp_path / "broken.pt")
     with pytest.raises(InputError, match="does not exist"):
         load_model(tmp_path / "nothing.pt")

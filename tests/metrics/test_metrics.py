@@ -1,4 +1,4 @@
-"""Metrics over traces: the spec's hand-computed oracles and small brute-force references."""
+"""Metrics over traces: hand-computed oracles and small brute-force references."""
 
 from __future__ import annotations
 

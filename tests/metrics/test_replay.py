@@ -1,4 +1,4 @@
-"""Replay kernels against the slow reference simulator, the spec's oracle table and the
+"""Replay kernels against the slow reference simulator, a hand-computed oracle table and the
 optimality of Belady; compiled and pure-Python kernels must agree exactly."""
 
 from __future__ import annotations

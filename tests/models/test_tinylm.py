@@ -18,7 +18,7 @@ VOCAB = 64
 
 def tiny(**kw) -> TinyLMConfig:
     settings = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, num_experts=4,
-                    expert_d_hidden=32)
+                    expert_d_hidden=32, top_k=None)
     settings.update(kw)
     return TinyLMConfig(**settings)
 

@@ -59,3 +59,22 @@ def test_user_table_path(tmp_path):
                                  "--out-dir", str(tmp_path / "runs"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "query routing: mine" in result.output  # a table is named after its file
+
+
+def test_evaluation_file_with_labelled_routers(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "name: from-file\n"
+        "datasets: [routellm-mt-bench]\n"
+        "seeds: [0]\n"
+        f"out_dir: {tmp_path / 'runs'}\n"
+        "routers: [cheapest, {name: knn, label: knn-k3, options: {k: 3}}, {name: knn, label: knn-k9, options: {k: 9}}]\n"
+    )
+    result = runner.invoke(app, ["queries", "evaluate", str(config), "-o", "knn-k9.weighting=uniform", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    aggregates = json.loads((tmp_path / "runs" / "from-file" / "leaderboard.json").read_text())["aggregates"]
+    assert {a["router"] for a in aggregates} == {"cheapest", "knn-k3", "knn-k9"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routers: [knn]\nlearning_rate: 3\n")
+    refused = runner.invoke(app, ["queries", "evaluate", str(bad)])
+    assert refused.exit_code == 2 and "unknown key(s) ['learning_rate']" in refused.output

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from routelab.core.errors import ConfigError, UnknownNameError
+from routelab.core.errors import ConfigError, InputError, UnknownNameError
 from routelab.queries import QueryDataset, create_query_router, list_query_routers
 from routelab.queries.evaluate import curve_of, evaluate_router, prepare
 from routelab.queries.routers.elo import battle_wins, bradley_terry
@@ -124,3 +124,26 @@ def test_curve_costs_are_what_was_paid(toy):
     assert cost[0] >= cost[-1]  # lambda 0 first: the dearest operating point
     rows = np.arange(toy.test.num_queries)
     assert cost[3] == pytest.approx(toy.test.cost_QM[rows, points[3].choice_Q].mean())
+
+
+def test_pluggable_embedders(tmp_path):
+    from routelab.queries import CallableEmbedder, PrecomputedEmbedder
+    from routelab.queries.embedders import SentenceTransformerEmbedder
+
+    dataset = toy_dataset(200)
+
+    def topic_vectors(prompts):
+        return np.array([[float(word in p) for word in TOPICS] for p in prompts])
+
+    prepared = prepare(dataset, 0, embedder_factory=lambda seed: CallableEmbedder(topic_vectors))
+    row, _ = evaluate_router(prepared, "knn")
+    assert row["best_quality"] >= prepared.test.score_QM.max(axis=1).mean() - 0.1
+    vectors = dict(zip(dataset.query_ids, topic_vectors(dataset.prompts)))
+    same = prepare(dataset, 0, embedder_factory=lambda seed: PrecomputedEmbedder(vectors))
+    np.testing.assert_allclose(same.X_test, prepared.X_test)
+    with pytest.raises(InputError, match="no precomputed vector"):
+        PrecomputedEmbedder({}).transform(dataset)
+    with pytest.raises(InputError, match="NaN"):
+        CallableEmbedder(lambda prompts: np.full((len(prompts), 2), np.nan)).transform(dataset)
+    with pytest.raises(ConfigError, match="never downloaded"):
+        SentenceTransformerEmbedder(tmp_path / "no-such-model").fit(dataset)

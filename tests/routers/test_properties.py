@@ -39,8 +39,10 @@ def draw_case(data, name: str, *, capacity: bool = False):
 
 def route(layer: routelab.MoE, x: torch.Tensor, mask=None, extra=None) -> routelab.MoEOutput:
     extra = extra or side_inputs(x.shape[0], x.shape[1])
-    return layer(x, padding_mask=mask, token_ids=extra["token_ids"], attention=extra["attention"],
-                 timestep=extra["timestep"])
+    # the side inputs travel as a model would pass them to every layer: in a shared RoutingContext
+    # (a layer whose router reads neither timestep nor attention refuses them as direct arguments)
+    context = routelab.RoutingContext(attention=extra["attention"], timestep=extra["timestep"])
+    return layer(x, padding_mask=mask, token_ids=extra["token_ids"], context=context)
 
 
 def row_sets(routing: routelab.Routing) -> list[dict[int, float]]:

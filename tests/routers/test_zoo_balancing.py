@@ -1,4 +1,4 @@
-"""BIP-based balancing (spec §5)."""
+"""BIP-based balancing."""
 
 from __future__ import annotations
 

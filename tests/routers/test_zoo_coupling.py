@@ -1,4 +1,4 @@
-"""Expert-router coupling loss (Lv et al. 2025; spec §12) and the expert-access hook."""
+"""Expert-router coupling loss (Lv et al. 2025) and the expert-access hook."""
 
 from __future__ import annotations
 

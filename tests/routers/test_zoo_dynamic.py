@@ -1,4 +1,4 @@
-"""Dynamic-k routing: top-p (Huang, An et al. 2024), DynaMoE percentile gating and layer schedules (spec §9)."""
+"""Dynamic-k routing: top-p (Huang, An et al. 2024), DynaMoE percentile gating and layer schedules."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_top_p_uses_exactly_the_smallest_prefix_with_mass_above_p(raw: list[floa
     p = p / p.sum()
     order = torch.argsort(p, descending=True, stable=True)
     cum = torch.cumsum(p[order], 0)
-    assume(bool((cum - threshold).abs().min() > 1e-5))  # no boundary tie (float rounding is the spec's pitfall)
+    assume(bool((cum - threshold).abs().min() > 1e-5))  # no boundary tie (float rounding decides ties)
     chosen = kept(TopPSelector(len(raw), threshold), [p.tolist()])[0]
     n = len(chosen)
     assert set(chosen) == set(order[:n].tolist()), "the kept experts are the most probable ones"

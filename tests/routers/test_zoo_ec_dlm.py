@@ -1,4 +1,4 @@
-"""Expert choice with timestep-dependent capacity (EC-DLM, spec §2)."""
+"""Expert choice with timestep-dependent capacity (EC-DLM)."""
 
 from __future__ import annotations
 

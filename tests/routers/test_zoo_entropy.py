@@ -1,4 +1,4 @@
-"""Entropy-driven routing: DynMoLE (Li et al. 2025) and MAGNET (Dai et al. 2026); spec §15, B7."""
+"""Entropy-driven routing: DynMoLE (Li et al. 2025) and MAGNET (Dai et al. 2026)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ def draft_of(p_TE: torch.Tensor, training: bool = False) -> RoutingDraft:
     return RoutingDraft(x_TD=torch.zeros(p_TE.shape[0], 1), batch=TokenBatch.single_sequence(p_TE.shape[0]),
                         num_experts=p_TE.shape[1], top_k=2, training=training, logits_TE=p_TE.log(), scores_TE=p_TE,
                         selection_scores_TE=p_TE, extras={"scores_are_probs": True})
+
+
+DYNMOLE = routelab.preset_info("dynmole").specific_options()  # the family's defaults live in its presets
+MAGNET = routelab.preset_info("magnet").specific_options()
+
+
+def dynmole_selector(num_experts: int, keep: int, **overrides) -> DynMoLESelector:
+    options = {"top_p": DYNMOLE["top_p"], "threshold": DYNMOLE["entropy_threshold"],
+               "entropy_index": DYNMOLE["entropy_index"], "entropy_kind": DYNMOLE["entropy_kind"],
+               "eps": DYNMOLE["entropy_eps"]}
+    return DynMoLESelector(num_experts, keep, **{**options, **overrides})
+
+
+def magnet_loss(**overrides) -> MagnetLoss:
+    options = {"coverage_weight": MAGNET["coverage_weight"], "specialization_weight": MAGNET["specialization_weight"],
+               "trigger": MAGNET["entropy_trigger"], "ema_decay": MAGNET["entropy_ema_decay"],
+               "ramp_steps": MAGNET["ramp_steps"], "patience": MAGNET["patience"]}
+    return MagnetLoss(**{**options, **overrides})
 
 
 def experts_of(idx: torch.Tensor) -> list[list[int]]:
@@ -42,19 +60,19 @@ def test_dynmole_top_p_rule_differs_from_an_et_al() -> None:
     confident = 0.99  # soft-routing threshold above this token's normalised entropy
 
     def dynmole(keep: int, top_p: float) -> list[list[int]]:
-        return experts_of(DynMoLESelector(4, keep, top_p=top_p, threshold=confident)(draft_of(p))[0])
+        return experts_of(dynmole_selector(4, keep, top_p=top_p, threshold=confident)(draft_of(p))[0])
 
     def an_et_al(top_p: float) -> list[list[int]]:
         return experts_of(TopPSelector(4, top_p)(draft_of(p))[0])
 
-    assert dynmole(2, 0.6) == an_et_al(0.6) == [[0, 1]]  # spec oracle: P = .6, keep 2 -> {0, 1}; the rules agree
+    assert dynmole(2, 0.6) == an_et_al(0.6) == [[0, 1]]  # hand-computed: P = .6, keep 2 -> {0, 1}; the rules agree
     assert dynmole(2, 0.4) == [[0, 1]] and an_et_al(0.4) == [[0]]  # ... and differ at P = .4
     assert dynmole(1, 0.79) == [[0]] and an_et_al(0.79) == [[0, 1]]  # cumsum <= P vs "first to exceed P"
 
 
 def test_dynmole_routes_uncertain_tokens_to_every_expert_with_raw_gates() -> None:
     p = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02], [0.2, 0.18, 0.17, 0.16, 0.15, 0.14]])
-    idx, gates = DynMoLESelector(6, 2)(draft_of(p))  # defaults: threshold .9, q 1.1, top_p .75
+    idx, gates = dynmole_selector(6, 2)(draft_of(p))  # defaults: threshold .9, q 1.1, top_p .75
     assert experts_of(idx) == [[0, 1], [0, 1, 2, 3, 4, 5]]  # entropy .709 < .9: top-p; second token > .9: all
     torch.testing.assert_close(gates[1].sort(descending=True).values, p[1])
 
@@ -75,7 +93,7 @@ def test_dynmole_losses_by_hand() -> None:
 
 
 def test_magnet_switches_exactly_at_the_first_crossing_and_never_reverts() -> None:
-    loss = MagnetLoss(trigger=0.5, ema_decay=0.0, ramp_steps=2)  # decay 0: the EMA is the last value
+    loss = magnet_loss(trigger=0.5, ema_decay=0.0, ramp_steps=2)  # decay 0: the EMA is the last value
     stages = []
     for value in [0.9, 0.7, 0.45, 0.8, 0.95, 0.3]:
         loss.observe_entropy(value)
@@ -85,7 +103,7 @@ def test_magnet_switches_exactly_at_the_first_crossing_and_never_reverts() -> No
 
 
 def test_magnet_ema_trigger_and_patience() -> None:
-    loss = MagnetLoss(trigger=0.5, ema_decay=0.5)
+    loss = magnet_loss(trigger=0.5, ema_decay=0.5)
     for value in [0.8, 0.4]:  # EMA: .8 then .6: not below .5 yet
         loss.observe_entropy(value)
         loss.end_of_step()
@@ -93,7 +111,7 @@ def test_magnet_ema_trigger_and_patience() -> None:
     loss.observe_entropy(0.3)  # .45
     loss.end_of_step()
     assert int(loss.stage) == 2
-    stall = MagnetLoss(trigger=0.1, ema_decay=0.0, patience=2)
+    stall = magnet_loss(trigger=0.1, ema_decay=0.0, patience=2)
     for value in [0.8, 0.8, 0.8]:
         stall.observe_entropy(value)
         stall.end_of_step()
@@ -102,7 +120,7 @@ def test_magnet_ema_trigger_and_patience() -> None:
 
 def test_magnet_loss_values_per_stage_and_stage_lives_in_state_dict() -> None:
     p = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
-    loss = MagnetLoss(coverage_weight=0.1, specialization_weight=0.2, trigger=0.99, ema_decay=0.0, ramp_steps=4)
+    loss = magnet_loss(coverage_weight=0.1, specialization_weight=0.2, trigger=0.99, ema_decay=0.0, ramp_steps=4)
     draft = draft_of(p, training=True)
     assert float(loss(draft)) == pytest.approx(-0.1)  # stage 1: -l1 * H(mean p)/ln 2 = -0.1 * 1
     loss.end_of_step()  # observed entropy (~.47) < .99: stage 2
@@ -110,7 +128,7 @@ def test_magnet_loss_values_per_stage_and_stage_lives_in_state_dict() -> None:
     assert int(loss.stage) == 2 and float(loss(draft)) == pytest.approx(0.2 * 0.25 * h_tok, rel=1e-5)
     loss.end_of_step()
     assert float(loss(draft)) == pytest.approx(0.2 * 0.5 * h_tok, rel=1e-5)  # the ramp rises
-    fresh = MagnetLoss()
+    fresh = magnet_loss()
     fresh.load_state_dict(loss.state_dict())
     assert int(fresh.stage) == 2 and int(fresh.steps_in_stage2) == int(loss.steps_in_stage2)
 

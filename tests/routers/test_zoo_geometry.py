@@ -1,4 +1,4 @@
-"""Geometric routers: low-dimensional cosine, SRA, online k-means; multi-hop halting (spec §6, §7)."""
+"""Geometric routers: low-dimensional cosine, SRA, online k-means; multi-hop halting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Similarity- and attention-aware routing over a graph of tokens (Nguyen et al. 2025; spec §11)."""
+"""Similarity- and attention-aware routing over a graph of tokens (Nguyen et al. 2025)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layerwise recurrent router RMoE (Qiu et al. 2024; spec §10)."""
+"""Layerwise recurrent router RMoE (Qiu et al. 2024)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def route_stack(routers, x_TD: torch.Tensor, context: RoutingContext | None = No
 
 
 def gru_by_hand(cell: nn.GRUCell, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The standard GRU of the spec: r, z sigmoids, n = tanh(W_in x + b_in + r * (W_hn h + b_hn))."""
+    """The standard GRU (Cho et al. 2014, as torch.nn.GRUCell): r, z sigmoids, n = tanh(W_in x + b_in + r * (W_hn h + b_hn))."""
     w_ir, w_iz, w_in = cell.weight_ih.chunk(3)
     w_hr, w_hz, w_hn = cell.weight_hh.chunk(3)
     b_ir, b_iz, b_in = cell.bias_ih.chunk(3)

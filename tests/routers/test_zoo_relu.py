@@ -1,4 +1,4 @@
-"""ReLU routing: ReMoE, BlockFFN, TLS/CLS sparsity (spec §8)."""
+"""ReLU routing: ReMoE, BlockFFN, TLS/CLS sparsity."""
 
 from __future__ import annotations
 
@@ -9,34 +9,34 @@ import torch.nn.functional as F
 from routelab import MoE, create_router, end_of_step
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
-from routelab.core.sparsity import active_mask, chunk_level_sparsity, token_level_sparsity
+from routelab.core.routing_sparsity import activity_mask, cls_of_mask, tls_of_mask
 from routelab.routers.families.relu import chunk_sparsity_loss
 
 # --- TLS / CLS ----------------------------------------------------------------------------
 
 
 def test_tls_cls_oracle():
-    mask = active_mask(torch.tensor([[0], [0], [1], [0]]), 4)
-    assert float(token_level_sparsity(mask)) == pytest.approx(0.75)
+    mask = activity_mask(torch.tensor([[0], [0], [1], [0]]), 4)
+    assert float(tls_of_mask(mask)) == pytest.approx(0.75)
     seq, pos = torch.zeros(4, dtype=torch.long), torch.arange(4)
-    assert float(chunk_level_sparsity(mask, seq, pos, window=4)) == pytest.approx(0.5)
-    assert float(chunk_level_sparsity(mask, seq, pos, window=1)) == pytest.approx(0.75)  # W = 1 is TLS
+    assert float(cls_of_mask(mask, seq, pos, window=4)) == pytest.approx(0.5)
+    assert float(cls_of_mask(mask, seq, pos, window=1)) == pytest.approx(0.75)  # W = 1 is TLS
 
 
 def test_cls_windows_stay_inside_sequences():
     # two sequences of 4 tokens: seq 0 uses {0}, seq 1 uses {1}; a window of 8 would mix them
-    mask = active_mask(torch.tensor([[0], [0], [0], [0], [1], [1], [1], [1]]), 4)
+    mask = activity_mask(torch.tensor([[0], [0], [0], [0], [1], [1], [1], [1]]), 4)
     seq = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    assert float(chunk_level_sparsity(mask, seq, pos, window=4)) == pytest.approx(0.75)
+    assert float(cls_of_mask(mask, seq, pos, window=4)) == pytest.approx(0.75)
     # no full window of 8 exists: the partial windows (one per sequence) are measured
-    assert float(chunk_level_sparsity(mask, seq, pos, window=8)) == pytest.approx(0.75)
+    assert float(cls_of_mask(mask, seq, pos, window=8)) == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="window"):
-        chunk_level_sparsity(mask, seq, pos, window=0)
+        cls_of_mask(mask, seq, pos, window=0)
 
 
 def test_active_mask_ignores_empty_slots():
-    mask = active_mask(torch.tensor([[-1, 0], [2, -1], [-1, -1]]), 3)
+    mask = activity_mask(torch.tensor([[-1, 0], [2, -1], [-1, -1]]), 3)
     assert mask.tolist() == [[True, False, False], [False, False, True], [False, False, False]]
 
 

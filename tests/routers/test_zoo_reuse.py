@@ -1,5 +1,5 @@
 """ReXMoE expert reuse with PSR, condenser experts with sparsifying bias, DeepSeekMoE shared
-experts and group-limited routing (spec §13)."""
+experts and group-limited routing."""
 
 from __future__ import annotations
 

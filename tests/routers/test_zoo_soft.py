@@ -36,14 +36,15 @@ def reference_soft_moe(layer: SoftMoE, x: torch.Tensor, mask: torch.Tensor) -> t
     return y
 
 
-def test_moe_with_soft_router_is_a_soft_moe_layer() -> None:
-    layer = routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe")
+def test_moe_layer_of_a_soft_router_is_a_soft_moe_layer() -> None:
+    layer = routelab.moe_layer(d_model=D, d_hidden=6, num_experts=3, router="soft-moe")
     assert isinstance(layer, SoftMoE) and isinstance(layer, routelab.MoE)
     assert isinstance(layer.router, SoftRouter) and layer.router.name == "soft-moe"
     assert "soft-moe" in [r["name"] for r in routelab.list_routers()]
     prebuilt = routelab.create_router("soft-moe", d_model=D, num_experts=3)
-    assert isinstance(routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router=prebuilt), SoftMoE)
-    assert type(routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router="mixtral")) is routelab.MoE
+    assert isinstance(routelab.moe_layer(d_model=D, d_hidden=6, num_experts=3, router=prebuilt), SoftMoE)
+    assert type(routelab.moe_layer(d_model=D, d_hidden=6, num_experts=3, router="mixtral")) is routelab.MoE
+    assert type(SoftMoE(d_model=D, d_hidden=6, num_experts=3)) is SoftMoE  # router defaults to soft-moe
     clone = copy.deepcopy(layer)
     assert type(clone) is SoftMoE and torch.equal(clone.router.scorer.phi, layer.router.scorer.phi)
 
@@ -51,7 +52,7 @@ def test_moe_with_soft_router_is_a_soft_moe_layer() -> None:
 @pytest.mark.parametrize("normalize", [True, False])
 def test_layer_matches_the_reference_with_padding(normalize: bool) -> None:
     torch.manual_seed(0)
-    layer = routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe", slots_per_expert=2,
+    layer = routelab.SoftMoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe", slots_per_expert=2,
                          normalize=normalize)
     x = torch.randn(3, 7, D, requires_grad=True)
     mask = torch.ones(3, 7, dtype=torch.bool)
@@ -88,7 +89,7 @@ def test_combine_and_dispatch_weights_sum_to_one_and_exclude_padding() -> None:
 
 def test_permuting_tokens_within_a_sequence_permutes_the_output() -> None:
     torch.manual_seed(0)
-    layer = routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe").eval()
+    layer = routelab.SoftMoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe").eval()
     x = torch.randn(2, 6, D)
     perm = torch.randperm(6)
     torch.testing.assert_close(layer(x[:, perm]).y, layer(x).y[:, perm], atol=1e-5, rtol=1e-5)
@@ -97,8 +98,26 @@ def test_permuting_tokens_within_a_sequence_permutes_the_output() -> None:
 def test_bad_options_are_refused() -> None:
     for option in ({"capacity_factor": 1.0}, {"aux_loss_coef": 1e-2}, {"z_loss_coef": 1e-3}):
         with pytest.raises(routelab.ConfigError, match="soft-moe does not support"):
-            routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe", **option)
+            routelab.SoftMoE(d_model=D, d_hidden=6, num_experts=3, router="soft-moe", **option)
     with pytest.raises(routelab.ConfigError, match="slots_per_expert"):
         routelab.create_router("soft-moe", d_model=D, num_experts=3, slots_per_expert=0)
     with pytest.raises(routelab.ConfigError, match="SoftMoE needs"):
         SoftMoE(d_model=D, d_hidden=6, num_experts=3, router="mixtral")
+
+
+def test_moe_refuses_a_soft_router_and_names_the_layer_to_use() -> None:
+    for router in ("soft-moe", routelab.create_router("soft-moe", d_model=D, num_experts=3)):
+        with pytest.raises(routelab.ConfigError, match="routelab.SoftMoE.*routelab.moe_layer"):
+            routelab.MoE(d_model=D, d_hidden=6, num_experts=3, router=router)
+
+
+def test_soft_moe_refuses_timestep_and_attention_instead_of_dropping_them() -> None:
+    layer = routelab.SoftMoE(d_model=D, d_hidden=6, num_experts=3)
+    x = torch.randn(2, 5, D)
+    with pytest.raises(routelab.ConfigError, match="timestep"):
+        layer(x, timestep=torch.tensor([0.5, 0.5]))
+    with pytest.raises(routelab.ConfigError, match="attention"):
+        layer(x, attention=torch.full((2, 5, 5), 0.2))
+    # a model-wide context may carry them for other layers' routers; this layer reads neither
+    shared = routelab.RoutingContext(timestep=torch.tensor([0.5, 0.5]), attention=torch.full((2, 5, 5), 0.2))
+    torch.testing.assert_close(layer(x, context=shared).y, layer(x).y)

@@ -1,4 +1,4 @@
-"""MoE-X sparsity-aware routing (Yang et al. 2025; spec §14) and ReLU experts."""
+"""MoE-X sparsity-aware routing (Yang et al. 2025) and ReLU experts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.reference import reference_moe
 
 @pytest.mark.parametrize("stats", ["per-expert", "per-input"])
 def test_estimated_active_fraction_matches_the_empirical_one(stats: str) -> None:
-    # spec oracle setting: W ~ N(0.01, 0.05^2), D = 1024 hidden, d = 256 inputs, x ~ N(0.2, 1)
+    # oracle setting (the paper's): W ~ N(0.01, 0.05^2), D = 1024 hidden, d = 256 inputs, x ~ N(0.2, 1)
     g = torch.Generator().manual_seed(0)
     w_EDH = torch.randn(1, 256, 1024, generator=g) * 0.05 + 0.01
     x_TD = torch.randn(16, 256, generator=g) + 0.2

@@ -48,7 +48,8 @@ def make_model(name: str) -> ToyModel:
     top_k = valid_top_k(info, NUM_EXPERTS, 2)
     activation = "relu" if name == "moe-x" else "swiglu"
     layers = [
-        routelab.MoE(d_model=D_MODEL, d_hidden=24, num_experts=NUM_EXPERTS, top_k=top_k, router=name, activation=activation)
+        routelab.moe_layer(d_model=D_MODEL, d_hidden=24, num_experts=NUM_EXPERTS, top_k=top_k, router=name,
+                           activation=activation)
         for _ in range(2)
     ]
     return ToyModel(layers)

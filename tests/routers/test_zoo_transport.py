@@ -1,4 +1,4 @@
-"""Optimal-transport routers: Sinkhorn solver, Megatron Sinkhorn, SSR, BASE (spec §3)."""
+"""Optimal-transport routers: Sinkhorn solver, Megatron Sinkhorn, SSR, BASE."""
 
 from __future__ import annotations
 

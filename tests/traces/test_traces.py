@@ -12,7 +12,7 @@ from tests.toy_moe import ToyMoELM, single_thread
 import routelab
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.context import TokenBatch
-from routelab.traces import Trace, TraceRecorder, TraceWriter, sequence_offsets
+from routelab.traces import InMemoryTrace, Trace, TraceRecorder, TraceWriter, sequence_offsets
 
 
 @pytest.fixture(autouse=True)
@@ -237,8 +237,14 @@ def test_writer_rejects_bad_input(tmp_path):
         writer.add(1, np.zeros((3, 1), np.int64), np.zeros((3, 1)), np.arange(3) + 1, ok[1], ok[2])
     with pytest.raises(InputError, match="row counts differ"):
         writer.close()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="is in use by pid"):  # the open writer holds its folder
         TraceWriter(tmp_path / "w.trace", None, 2, 4)
+    writer.abort()
+    with TraceWriter(tmp_path / "done.trace", None, 2, 4) as done:
+        done.add(0, np.zeros((3, 1), np.int64), np.zeros((3, 1)), *ok)
+        done.add(1, np.zeros((3, 1), np.int64), np.zeros((3, 1)), *ok)
+    with pytest.raises(ConfigError, match="already exists"):
+        TraceWriter(tmp_path / "done.trace", None, 2, 4)
     with pytest.raises(ConfigError, match="JSON-serialisable"):
         TraceWriter(tmp_path / "j.trace", {"bad": object()}, 2, 4)
 
@@ -254,3 +260,21 @@ def test_empty_trace_round_trip(tmp_path):
     trace = Trace.open(tmp_path / "e.trace")
     assert trace.num_tokens == 0 and trace.layer(0).topk_idx.shape == (0, 0)
     assert json.loads((tmp_path / "e.trace" / "trace.json").read_text())["complete"] is True
+
+
+def test_in_memory_select_is_the_file_traces_select(tmp_path):
+    rng = np.random.default_rng(1)
+    write_random_trace(tmp_path / "s.trace", rng, row_group_tokens=4)
+    trace = Trace.open(tmp_path / "s.trace")
+    memory = InMemoryTrace.load(trace)
+    for kwargs in ({"domain": "prose", "layers": [2, 0]}, {"sequences": [1], "max_tokens": 6}, {"domain": [0, 1]},
+                   {"domain": -1}):
+        a, b = trace.select(**kwargs), memory.select(**kwargs)
+        assert a.layers == b.layers and a.num_tokens == b.num_tokens
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.layer(layer).topk_idx, b.layer(layer).topk_idx)
+    for kwargs, message in (({"domain": "pros"}, "Did you mean 'prose'"), ({"domain": 7}, "out of range"),
+                            ({"layers": []}, "at least one layer"), ({"layers": [9]}, "layer=9")):
+        for view in (trace, memory):
+            with pytest.raises(ConfigError, match=message):
+                view.select(**kwargs)

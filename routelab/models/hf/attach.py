@@ -223,14 +223,14 @@ class RoutingHandle:
         self._router_hooks[layer.index] = module.register_forward_hook(hook)
 
     def _emit(self, layer: MoELayer, routing: Any, output: Any) -> None:
-        logits_N, weight_N, idx_N = output[0], output[1], output[2]
-        tokens = self._state.tokens_for(logits_N.shape[0], logits_N.device)
+        logits_UE, weight_UK, idx_UK = output[0], output[1], output[2]
+        tokens = self._state.tokens_for(logits_UE.shape[0], logits_UE.device)
         if routing is not None:
             logits_TE, idx_TK, weight_TK = routing.logits, routing.topk_idx, routing.topk_weight
         else:
-            logits_TE = tokens.real_rows(logits_N)
-            idx_TK = tokens.real_rows(idx_N)
-            weight_TK = tokens.real_rows(weight_N)
+            logits_TE = tokens.real_rows(logits_UE)
+            idx_TK = tokens.real_rows(idx_UK)
+            weight_TK = tokens.real_rows(weight_UK)
         call = RouterCall(layer.index, layer.model_layer, logits_TE, idx_TK, weight_TK, tokens)
         for observer in list(self._observers):
             observer.on_router_call(call)

@@ -55,10 +55,10 @@ class ForwardTokens:
             )
         return self._token_batch
 
-    def real_rows(self, rows_N: torch.Tensor) -> torch.Tensor:
+    def real_rows(self, rows_U: torch.Tensor) -> torch.Tensor:
         """Select the real-token rows of a ``[B*S, ...]`` tensor, in (batch, position) order."""
         batch = self.token_batch()
-        return rows_N.index_select(0, batch.flat_index_T) if batch.has_padding else rows_N
+        return rows_U.index_select(0, batch.flat_index_T) if batch.has_padding else rows_U
 
     def per_token(self) -> dict[str, torch.Tensor]:
         """``token_ids_T`` (-1 where unknown), ``seq_ids_T`` and ``positions_T`` of the real tokens."""

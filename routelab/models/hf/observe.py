@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from routelab.core.stats import balance_stats, expert_load
+from routelab.core.routing_stats import balance_stats, expert_load
 from routelab.models.hf.context import ForwardTokens
 
 
@@ -63,7 +63,7 @@ class LoadCounter:
 
     def stats(self) -> dict[str, dict[str, float | list[float]]]:
         """Per layer (``"layer_<i>"``) and over all layers (``"all"``): load, MaxVio, CV,
-        normalised entropy, dead experts and tokens seen (``routelab.core.stats``)."""
+        normalised entropy, dead experts and tokens seen (``routelab.core.routing_stats``)."""
         out: dict[str, dict[str, float | list[float]]] = {}
         for layer in range(self.load_LE.shape[0]):
             out[f"layer_{layer}"] = _summary(self.load_LE[layer], float(self.tokens_L[layer]))

@@ -42,10 +42,10 @@ def neighbour_weights(cos_BK: torch.Tensor, sigma: float = 0.4) -> torch.Tensor:
     return raw_BK / raw_BK.sum(dim=-1, keepdim=True)
 
 
-def manifold_regulariser(r_BR: torch.Tensor, neighbours_BKR: torch.Tensor, weights_BK: torch.Tensor) -> torch.Tensor:
+def manifold_regulariser(r_BR: torch.Tensor, neighbours_BJR: torch.Tensor, weights_BJ: torch.Tensor) -> torch.Tensor:
     """``(1/B) sum_i sum_j W_ij ||r_i - r_j||^2``."""
-    sq_BK = ((r_BR.unsqueeze(1) - neighbours_BKR) ** 2).sum(dim=-1)
-    return (weights_BK * sq_BK).sum(dim=-1).mean()
+    sq_BJ = ((r_BR.unsqueeze(1) - neighbours_BJR) ** 2).sum(dim=-1)
+    return (weights_BJ * sq_BJ).sum(dim=-1).mean()
 
 
 class RoutingVectorCapture:
@@ -226,7 +226,7 @@ class RomaTrainer:
     ) -> dict[str, float]:
         """One optimiser step on a batch; ``exclude[i]`` is the successful-set index of sample i (or -1)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        neighbours_BKR, weights_BK = self.successful.neighbours(self.embed(input_ids, mask), self.k, self.sigma, exclude)
+        neighbours_BJR, weights_BJ = self.successful.neighbours(self.embed(input_ids, mask), self.k, self.sigma, exclude)
         self._capture.per_layer = {}
         outputs = self.handle.model(input_ids=input_ids, attention_mask=mask, labels=labels)
         if self.task_loss is not None:
@@ -235,7 +235,7 @@ class RomaTrainer:
             task = outputs.loss
         else:
             raise InputError("pass labels (or a task_loss) to train with a task loss.")
-        regulariser = manifold_regulariser(self._capture.vector(), neighbours_BKR.to(task.device), weights_BK.to(task.device))
+        regulariser = manifold_regulariser(self._capture.vector(), neighbours_BJR.to(task.device), weights_BJ.to(task.device))
         self.steps_done += 1
         lam = self.lam_at(self.steps_done)
         loss = task + lam * regulariser

@@ -455,10 +455,10 @@ class ReplacementRouter:
         return getattr(scorer, "weight", None)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x_ND = hidden_states.reshape(-1, self.hidden_dim)
-        tokens = self._state.tokens_for(x_ND.shape[0], x_ND.device)
+        x_UD = hidden_states.reshape(-1, self.hidden_dim)
+        tokens = self._state.tokens_for(x_UD.shape[0], x_UD.device)
         batch = tokens.token_batch()
-        routing = self.routelab_router(tokens.real_rows(x_ND), batch)
+        routing = self.routelab_router(tokens.real_rows(x_UD), batch)
         self.last_routing = routing
         valid_TK = routing.topk_idx >= 0
         idx_TK = torch.where(valid_TK, routing.topk_idx, torch.zeros_like(routing.topk_idx))
@@ -468,35 +468,35 @@ class ReplacementRouter:
         weights_dtype = hidden_states.dtype if self._arch.weights_model_dtype else torch.float32
         logits_TE, weight_TK = logits_TE.to(logits_dtype), weight_TK.to(weights_dtype)
         if batch.has_padding:
-            return self._route_padding(x_ND, batch.flat_index_T, logits_TE, weight_TK, idx_TK)
+            return self._route_padding(x_UD, batch.flat_index_T, logits_TE, weight_TK, idx_TK)
         return logits_TE, weight_TK, idx_TK
 
     def _route_padding(
-        self, x_ND: torch.Tensor, real_T: torch.Tensor, logits_TE: torch.Tensor, weight_TK: torch.Tensor,
+        self, x_UD: torch.Tensor, real_T: torch.Tensor, logits_TE: torch.Tensor, weight_TK: torch.Tensor,
         idx_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padding rows never reach the routelab router (its losses, statistics, capacity); the
         model's own router routes them, without grad and without hooks, so that the experts see
         the same rows as without routelab (and the native rule stays bit-identical)."""
-        num_rows = x_ND.shape[0]
-        pad_mask_N = torch.ones(num_rows, dtype=torch.bool, device=x_ND.device)
-        pad_mask_N[real_T] = False
-        pad_P = pad_mask_N.nonzero().squeeze(1)
+        num_rows = x_UD.shape[0]
+        pad_mask_U = torch.ones(num_rows, dtype=torch.bool, device=x_UD.device)
+        pad_mask_U[real_T] = False
+        pad_Z = pad_mask_U.nonzero().squeeze(1)
         original = self.__dict__["_padding_router"]
         with torch.no_grad():
-            x_PD = x_ND.index_select(0, pad_P).to(original.weight.dtype)
-            pad_logits_PE, pad_weight_PK, pad_idx_PK = type(original).forward(original, x_PD)
-        width = max(idx_TK.shape[1], pad_idx_PK.shape[1])
-        idx_NK = idx_TK.new_zeros(num_rows, width)
-        weight_NK = weight_TK.new_zeros(num_rows, width)
-        idx_NK[real_T, : idx_TK.shape[1]] = idx_TK
-        weight_NK[real_T, : weight_TK.shape[1]] = weight_TK
-        idx_NK[pad_P, : pad_idx_PK.shape[1]] = pad_idx_PK
-        weight_NK[pad_P, : pad_weight_PK.shape[1]] = pad_weight_PK.to(weight_NK.dtype)
-        logits_NE = logits_TE.new_zeros(num_rows, logits_TE.shape[1])
-        logits_NE[real_T] = logits_TE
-        logits_NE[pad_P] = pad_logits_PE.to(logits_NE.dtype)
-        return logits_NE, weight_NK, idx_NK
+            x_ZD = x_UD.index_select(0, pad_Z).to(original.weight.dtype)
+            pad_logits_ZE, pad_weight_ZK, pad_idx_ZK = type(original).forward(original, x_ZD)
+        width = max(idx_TK.shape[1], pad_idx_ZK.shape[1])
+        idx_UK = idx_TK.new_zeros(num_rows, width)
+        weight_UK = weight_TK.new_zeros(num_rows, width)
+        idx_UK[real_T, : idx_TK.shape[1]] = idx_TK
+        weight_UK[real_T, : weight_TK.shape[1]] = weight_TK
+        idx_UK[pad_Z, : pad_idx_ZK.shape[1]] = pad_idx_ZK
+        weight_UK[pad_Z, : pad_weight_ZK.shape[1]] = pad_weight_ZK.to(weight_UK.dtype)
+        logits_UE = logits_TE.new_zeros(num_rows, logits_TE.shape[1])
+        logits_UE[real_T] = logits_TE
+        logits_UE[pad_Z] = pad_logits_ZE.to(logits_UE.dtype)
+        return logits_UE, weight_UK, idx_UK
 
 
 def make_replacement(original: nn.Module, router: Router, arch: Architecture, state: ForwardState) -> nn.Module:

@@ -1,6 +1,4 @@
-"""BIP-based balancing preset (spec §5).
-
-BIP-based balancing: dual prices of the routing LP as a selection bias (spec §5).
+"""BIP-based balancing: dual prices of the routing LP as a selection bias.
 
 "BIP-Based Balancing" (arXiv 2502.15451). Routing ``n`` tokens to ``m`` experts with ``K``
 experts per token and capacity ``C = ceil(n*K/m * cf)`` is the binary integer program
@@ -92,10 +90,10 @@ class BIPBalancer(Balancer):
         num_experts: int,
         top_k: int,
         *,
-        iterations: int = 2,
-        capacity_factor: float = 1.0,
-        tie_rule: str = "midpoint",
-        eval_iterations: bool = False,
+        iterations: int,
+        capacity_factor: float,
+        tie_rule: str,
+        eval_iterations: bool,
         all_reduce: bool = True,
     ) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Expert-router coupling (ERC) loss preset (Lv et al. 2025; spec §12).
+"""Expert-router coupling (ERC) loss preset (Lv et al. 2025).
 
 Expert-router coupling (ERC) loss (Lv, Ma, Ma & Qiao 2025, "Coupling Experts and
 Routers in Mixture-of-Experts via an Auxiliary Loss", arXiv 2512.23447, ICLR 2026).
@@ -65,7 +65,7 @@ class ERCLoss(RouterLoss, UsesExperts):
             overfits to ``R``).
     """
 
-    def __init__(self, coef: float, *, alpha: float = 1.0, noise: bool = True, name: str = "erc") -> None:
+    def __init__(self, coef: float, *, alpha: float, noise: bool, name: str = "erc") -> None:
         super().__init__(name, coef)
         self.alpha = check_non_negative("erc_alpha", alpha)
         self.noise = bool(noise)

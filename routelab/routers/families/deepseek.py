@@ -1,4 +1,4 @@
-"""Loss-free balancing presets: DeepSeek-V3 and Wang et al. 2024 (spec §4, §13)."""
+"""Loss-free balancing presets: DeepSeek-V3 and Wang et al. 2024."""
 
 from __future__ import annotations
 

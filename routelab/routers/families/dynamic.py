@@ -1,4 +1,4 @@
-"""Dynamic-k presets: top-p routing (An et al. 2024) and DynaMoE (Gülmez 2026), spec §9.
+"""Dynamic-k presets: top-p routing (An et al. 2024) and DynaMoE (Gülmez 2026).
 
 Dynamic-k selectors: each token takes as many experts as it needs.
 
@@ -10,7 +10,7 @@ Dynamic-k selectors: each token takes as many experts as it needs.
   Gates are the raw ``p``, not renormalised.
 * ``PercentileSelector`` — DynaMoE (Gülmez 2026, arXiv 2603.01697), "percentile-thresholded
   gating": expert e is active for token t when ``p_te >= tau``, ``tau`` the ``q``-quantile
-  (linear interpolation, as ``torch.quantile``) of the probabilities of the whole batch (``scope='batch'``, the reading of the spec) or
+  (linear interpolation, as ``torch.quantile``) of the probabilities of the whole batch (``scope='batch'``, our reading of the paper) or
   of each token (``scope='token'``) [recon]; the count is clamped to ``[1, K_l]``
   keeping the most probable experts.
 * ``EntropyLoss`` — the dynamic loss of An et al.: ``mean_t -sum_e p_te log p_te``; it
@@ -115,19 +115,19 @@ class TopPSelector(Selector):
 PERCENTILE_SCOPES = ("batch", "token")
 
 
-def linear_quantile(values_TN: torch.Tensor, q: float) -> torch.Tensor:
+def linear_quantile(values_TE: torch.Tensor, q: float) -> torch.Tensor:
     """Row-wise ``q``-quantile with linear interpolation (``torch.quantile``'s default), ``[T, 1]``.
 
     Built on ``kthvalue`` so that it has no input-size limit.
     """
-    n = values_TN.shape[1]
+    n = values_TE.shape[1]
     pos = q * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
-    low = values_TN.kthvalue(lo + 1, dim=1, keepdim=True).values
+    low = values_TE.kthvalue(lo + 1, dim=1, keepdim=True).values
     if hi == lo or pos == lo:
         return low
-    high = values_TN.kthvalue(hi + 1, dim=1, keepdim=True).values
+    high = values_TE.kthvalue(hi + 1, dim=1, keepdim=True).values
     return low + (high - low) * (pos - lo)
 
 

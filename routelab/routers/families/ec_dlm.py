@@ -1,6 +1,4 @@
-"""Expert choice for diffusion LMs with timestep-dependent capacity (EC-DLM; spec §2).
-
-Expert choice with timestep-dependent capacity for diffusion LMs (EC-DLM; spec §2).
+"""Expert choice for diffusion LMs with timestep-dependent capacity (EC-DLM).
 
 ``zhangshuibai/EC-DLM`` (Megatron ``moe_layer.py`` dynamic top-k, ``router.py``
 ``ExpertChoiceRouter``, ``moe_utils.py::compute_ec_scaling_factors``). A diffusion LM knows,
@@ -48,7 +46,7 @@ NORM_MATCH_SUBSETS = ("random", "top")
 
 
 def schedule_factor(schedule: str, r: torch.Tensor, bell_sigma: float = 0.22) -> torch.Tensor:
-    """``s(r)`` in [0, 1] for a mask ratio ``r`` (spec §2 schedules)."""
+    """``s(r)`` in [0, 1] for a mask ratio ``r``."""
     r = r.to(torch.float64)
     if schedule == "linear":
         return r
@@ -86,14 +84,14 @@ def norm_matching_factors(
     renormalised; ``f[n] = mean(sqrt(num_shared) / ||p_n||_2)``.
     """
     generator = torch.Generator().manual_seed(seed)
-    logits_NE = torch.randn(num_samples, num_experts, generator=generator, dtype=torch.float64)
-    probs_NE = torch.softmax(logits_NE, dim=1)
+    logits_TE = torch.randn(num_samples, num_experts, generator=generator, dtype=torch.float64)
+    probs_TE = torch.softmax(logits_TE, dim=1)
     if subset == "top":
-        probs_NE = torch.sort(probs_NE, dim=1, descending=True).values
-    sum_NE = torch.cumsum(probs_NE, dim=1)
-    sq_sum_NE = torch.cumsum(probs_NE**2, dim=1)
+        probs_TE = torch.sort(probs_TE, dim=1, descending=True).values
+    sum_TE = torch.cumsum(probs_TE, dim=1)
+    sq_sum_TE = torch.cumsum(probs_TE**2, dim=1)
     # ||p_n / sum(p_n)||_2 = sqrt(sum p^2) / sum p
-    factors_E = (math.sqrt(num_shared) * sum_NE / torch.sqrt(sq_sum_NE)).mean(dim=0)
+    factors_E = (math.sqrt(num_shared) * sum_TE / torch.sqrt(sq_sum_TE)).mean(dim=0)
     return torch.cat([torch.ones(1, dtype=torch.float64), factors_E]).to(torch.float32)
 
 
@@ -133,14 +131,14 @@ class TimestepExpertChoice(ExpertChoice):
         *,
         capacity_factor: float = 1.0,
         gate: str = "post-softmax",
-        grouping: str = "sequence",
-        schedule: str = "linear_reverse",
-        k_min: int = 8,
-        k_max: int = 32,
-        bell_sigma: float = 0.22,
-        missing_timestep: str = "static",
-        norm_match_shared: int = 0,
-        norm_match_subset: str = "random",
+        grouping: str,
+        schedule: str,
+        k_min: int,
+        k_max: int,
+        bell_sigma: float,
+        missing_timestep: str,
+        norm_match_shared: int,
+        norm_match_subset: str,
     ) -> None:
         super().__init__(num_experts, top_k, capacity_factor=capacity_factor, gate=gate, grouping=grouping)
         self.schedule = check_choice("ec_schedule", schedule, SCHEDULES)

@@ -1,6 +1,4 @@
-"""Entropy-driven presets: DynMoLE hybrid Tsallis routing and MAGNET two-stage weighting (spec §15).
-
-Entropy-driven routing: DynMoLE's Tsallis hybrid routing and MAGNET's two-stage weighting.
+"""Entropy-driven presets: DynMoLE hybrid Tsallis routing and MAGNET two-stage weighting.
 
 **DynMoLE** (Li et al. 2025, "DynMoLE: Boosting Mixture of LoRA Experts Fine-Tuning with
 a Hybrid Routing Mechanism", arXiv 2504.00661; code ``mikecovlee/DynMoLE``,
@@ -107,11 +105,11 @@ class DynMoLESelector(Selector):
         num_experts: int,
         keep_top_k: int,
         *,
-        top_p: float = 0.75,
-        threshold: float = 0.9,
-        entropy_index: float = 1.1,
-        entropy_kind: str = "tsallis",
-        eps: float = 1e-5,
+        top_p: float,
+        threshold: float,
+        entropy_index: float,
+        entropy_kind: str,
+        eps: float,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -199,12 +197,12 @@ class MagnetLoss(RouterLoss, StatefulPart):
     def __init__(
         self,
         *,
-        coverage_weight: float = 1e-2,
-        specialization_weight: float = 1e-2,
-        trigger: float = 0.5,
-        ema_decay: float = 0.9,
-        ramp_steps: int = 1000,
-        patience: int = 0,
+        coverage_weight: float,
+        specialization_weight: float,
+        trigger: float,
+        ema_decay: float,
+        ramp_steps: int,
+        patience: int,
         min_delta: float = 1e-3,
         name: str = "magnet",
     ) -> None:

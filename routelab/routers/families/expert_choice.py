@@ -1,4 +1,4 @@
-"""The expert-choice preset (Zhou et al. 2022; spec §2).
+"""The expert-choice preset (Zhou et al. 2022).
 
 Expert-choice selection (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
@@ -40,8 +40,8 @@ class ExpertChoice(Selector):
         top_k: int,
         *,
         capacity_factor: float = 1.0,
-        gate: str = "softmax",
-        grouping: str = "sequence",
+        gate: str,
+        grouping: str,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts

@@ -1,4 +1,4 @@
-"""Fixed-assignment presets: hash layers and random-fixed routing (spec §6).
+"""Fixed-assignment presets: hash layers and random-fixed routing.
 
 Fixed token-id routing: Hash Layers (Roller et al. 2021, "Hash Layers For Large Sparse Models").
 
@@ -19,7 +19,7 @@ import torch
 from routelab.core.errors import ConfigError, InputError
 from routelab.core.validation import check_choice, check_top_k
 from routelab.routers.parts.assembly import assemble_router, softmax_gate_mode
-from routelab.routers.parts.router import Router, RoutingDraft, Selector
+from routelab.routers.parts.router import FitsData, Router, RoutingDraft, Selector, TrainingData
 from routelab.routers.parts.score_functions import Identity
 from routelab.routers.parts.scorers import ConstantScorer, LinearScorer
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
@@ -42,8 +42,12 @@ def mix_hash(key: torch.Tensor, seed: int) -> torch.Tensor:
     return x
 
 
-class HashSelector(Selector):
-    """Route each token by a fixed function of its token id (needs ``token_ids``)."""
+class HashSelector(Selector, FitsData):
+    """Route each token by a fixed function of its token id (needs ``token_ids``).
+
+    ``hash_mode='balanced'`` is fitted to the training token counts before training
+    (``routelab.fit_to_data``, which the lab calls).
+    """
 
     constant_gates = True  # every selected expert gets 1/k
 
@@ -52,9 +56,9 @@ class HashSelector(Selector):
         num_experts: int,
         top_k: int = 1,
         *,
-        mode: str = "random",
-        seed: int = 0,
-        vocab_size: int | None = None,
+        mode: str,
+        seed: int,
+        vocab_size: int | None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -67,6 +71,11 @@ class HashSelector(Selector):
                 raise ConfigError("hash_mode='balanced' needs vocab_size=<size of the token vocabulary>.")
             self.register_buffer("table", torch.full((vocab_size, self.top_k), -1, dtype=torch.long))
         else:
+            if vocab_size is not None:
+                raise ConfigError(
+                    f"vocab_size is used only by hash_mode='balanced' (its frequency table); hash_mode={mode!r} "
+                    "hashes any id. Leave vocab_size out."
+                )
             self.table = None
 
     def random_experts(self, key_T: torch.Tensor) -> torch.Tensor:
@@ -92,6 +101,10 @@ class HashSelector(Selector):
                 table[token_id, slot] = e
                 load[e] += freq
         self.table.copy_(table.to(self.table.device))
+
+    def fit_data(self, data: TrainingData) -> None:
+        if self.mode == "balanced":
+            self.fit(data.token_counts_V)
 
     def expert_ids(self, draft: RoutingDraft) -> torch.Tensor:
         ids_T = draft.batch.token_ids_T
@@ -158,7 +171,7 @@ def build_random_fixed(
     ``id-table`` routes by a seeded random hash of the token id (needs ``token_ids``)."""
     check_choice("fixed_mode", fixed_mode, ("frozen-linear", "id-table"))
     if fixed_mode == "id-table":
-        return hash_router(spec, common, HashSelector(spec.num_experts, spec.top_k, mode="random", seed=seed))
+        return hash_router(spec, common, HashSelector(spec.num_experts, spec.top_k, mode="random", seed=seed, vocab_size=None))
     scorer = LinearScorer(
         spec.d_model, spec.num_experts, init_std=common.router_init_std or 0.02,
         jitter_eps=common.jitter_eps, trainable=False, seed=seed,

@@ -1,6 +1,6 @@
-"""Geometric routers: low-dimensional cosine routing, SRA, parameter-free online k-means (spec §6, §7).
+"""Geometric routers: low-dimensional cosine routing, SRA, parameter-free online k-means.
 
-Parameter-free online k-means routing (spec §7).
+Parameter-free online k-means routing.
 
 "Routers Learn the Geometry of Their Experts" (arXiv 2605.12476) proposes a router with no
 trainable parameters: expert centroids ``mu_e`` are running means of the (normalised,
@@ -24,7 +24,7 @@ detached) hidden states routed to them; tokens go to the top-k experts by
 Each token is accumulated into the centroids of the experts this scorer ranks highest,
 which is the router's own selection (nothing else in the preset changes it).
 
-Low-dimensional cosine routing against learned centroids (spec §6).
+Low-dimensional cosine routing against learned centroids.
 
 "Equifinality in Mixture-of-Experts Routing" (arXiv 2604.14419) routes with ``z_e =
 |tau| * cos(P x, c_e)``: a learned projection ``P`` to ``d_s = 64`` dimensions, learned
@@ -68,22 +68,22 @@ INITS = ("kmeans++", "random")
 COS_EPS = 1e-8
 
 
-def kmeans_plus_plus(points_ND: torch.Tensor, num_centroids: int, random: RandomSource) -> torch.Tensor:
+def kmeans_plus_plus(points_TD: torch.Tensor, num_centroids: int, random: RandomSource) -> torch.Tensor:
     """k-means++ seeding on unit vectors (squared Euclidean distance ``2 - 2 cos``)."""
-    num_points = points_ND.shape[0]
-    device = points_ND.device
+    num_points = points_TD.shape[0]
+    device = points_TD.device
     generator = random.generator(device)
     first = int(torch.randint(num_points, (1,), generator=generator, device=device))
     chosen = [first]
-    dist2_N = (points_ND - points_ND[first]).square().sum(dim=1)
+    dist2_T = (points_TD - points_TD[first]).square().sum(dim=1)
     for _ in range(1, num_centroids):
-        weights = dist2_N.clamp_min(0)
+        weights = dist2_T.clamp_min(0)
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
         nxt = int(torch.multinomial(weights, 1, generator=generator))
         chosen.append(nxt)
-        dist2_N = torch.minimum(dist2_N, (points_ND - points_ND[nxt]).square().sum(dim=1))
-    return points_ND[torch.tensor(chosen, device=device)].clone()
+        dist2_T = torch.minimum(dist2_T, (points_TD - points_TD[nxt]).square().sum(dim=1))
+    return points_TD[torch.tensor(chosen, device=device)].clone()
 
 
 class OnlineKMeansScorer(Scorer, StatefulPart):
@@ -106,12 +106,12 @@ class OnlineKMeansScorer(Scorer, StatefulPart):
         num_experts: int,
         top_k: int,
         *,
-        tau: float = 10.0,
-        update: str = "mean",
-        ema_rate: float = 0.05,
-        init: str = "kmeans++",
-        reseed_after: int = 100,
-        seed: int | None = None,
+        tau: float,
+        update: str,
+        ema_rate: float,
+        init: str,
+        reseed_after: int,
+        seed: int | None,
         all_reduce: bool = True,
     ) -> None:
         super().__init__()
@@ -229,7 +229,7 @@ class CosineScorer(Scorer):
     """
 
     def __init__(
-        self, d_model: int, num_experts: int, *, proj_dim: int | None = 64, tau_init: float = 10.0, learn_tau: bool = True
+        self, d_model: int, num_experts: int, *, proj_dim: int | None, tau_init: float, learn_tau: bool
     ) -> None:
         super().__init__()
         space = d_model
@@ -252,8 +252,8 @@ class CosineScorer(Scorer):
             self.register_buffer("tau", tau)
 
     def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
-        u_TS = x_TD if self.proj is None else x_TD @ self.proj.float().t()
-        cos_TE = F.normalize(u_TS, dim=-1, eps=COS_EPS) @ F.normalize(self.centroids.float(), dim=-1, eps=COS_EPS).t()
+        u_TF = x_TD if self.proj is None else x_TD @ self.proj.float().t()
+        cos_TE = F.normalize(u_TF, dim=-1, eps=COS_EPS) @ F.normalize(self.centroids.float(), dim=-1, eps=COS_EPS).t()
         return self.tau.float().abs() * cos_TE
 
 
@@ -294,6 +294,10 @@ def cosine_router(
 ) -> Router:
     extra_losses: list[RouterLoss] = []
     coef = check_non_negative("bandpass_loss_coef", bandpass_loss_coef)
+    for option, value in (("bandpass_low", bandpass_low), ("bandpass_high", bandpass_high)):
+        if value is not None and not coef:
+            raise ConfigError(f"{option}={value} sets the band of the bandpass loss, which is off; set "
+                              "bandpass_loss_coef > 0 too, or leave it out.")
     if coef:
         low, high = default_band(spec.num_experts)
         low = low if bandpass_low is None else bandpass_low

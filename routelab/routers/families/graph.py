@@ -1,4 +1,4 @@
-"""Similarity-aware and attention-aware routing (Graph of Tokens, Nguyen et al. 2025; spec §11).
+"""Similarity-aware and attention-aware routing (Graph of Tokens, Nguyen et al. 2025).
 
 Similarity- and attention-aware routing over a graph of tokens.
 
@@ -79,10 +79,10 @@ class TokenGraphSoftmax(ScoreFunction):
         d_model: int,
         *,
         source: str = "similarity",
-        similarity_dim: int = 64,
-        temperature: float = 1.0,
-        causal: bool = True,
-        detach_attention: bool = False,
+        similarity_dim: int | None,
+        temperature: float,
+        causal: bool,
+        detach_attention: bool,
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
@@ -92,9 +92,10 @@ class TokenGraphSoftmax(ScoreFunction):
             raise ConfigError(f"similarity_temperature must be a finite number > 0, got {temperature}.")
         self.causal = bool(causal)
         self.detach_attention = bool(detach_attention)
-        self.similarity_dim = check_positive_int("similarity_dim", similarity_dim)
+        self.similarity_dim = None  # the attention graph has no similarity space
         self.proj = None
         if self.source == "similarity":
+            self.similarity_dim = check_positive_int("similarity_dim", similarity_dim)
             self.proj = nn.Linear(d_model, self.similarity_dim, bias=False)
             nn.init.normal_(self.proj.weight, std=init_std if init_std > 0 else 1.0 / math.sqrt(d_model))
 
@@ -224,6 +225,7 @@ def build_similarity_aware(
         similarity_dim=similarity_dim,
         temperature=similarity_temperature,
         causal=similarity_causal,
+        detach_attention=False,
         init_std=common.router_init_std,
     )
     return graph_router(spec, common, score_fn, normalization)
@@ -255,6 +257,7 @@ def build_attention_aware(
     ``similarity-aware``.
     """
     score_fn = TokenGraphSoftmax(
-        spec.d_model, source="attention", causal=attention_causal, detach_attention=detach_attention
+        spec.d_model, source="attention", similarity_dim=None, temperature=1.0, causal=attention_causal,
+        detach_attention=detach_attention,
     )
     return graph_router(spec, common, score_fn, normalization)

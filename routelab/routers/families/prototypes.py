@@ -67,9 +67,9 @@ def routing_contrastive_loss(
     active = counts_E > 0
     if int(active.sum()) < 2:
         return prototypes_ED.sum() * 0.0
-    logits_AA = F.normalize(prototypes_ED[active], dim=-1) @ F.normalize(means_ED[active], dim=-1).transpose(0, 1)
-    targets = torch.arange(logits_AA.shape[0], device=logits_AA.device)
-    return F.cross_entropy(logits_AA / temperature, targets)
+    logits_EE = F.normalize(prototypes_ED[active], dim=-1) @ F.normalize(means_ED[active], dim=-1).transpose(0, 1)
+    targets = torch.arange(logits_EE.shape[0], device=logits_EE.device)
+    return F.cross_entropy(logits_EE / temperature, targets)
 
 
 class RoutingContrastiveLoss(RouterLoss):
@@ -81,7 +81,7 @@ class RoutingContrastiveLoss(RouterLoss):
         use_top_k: a token counts for all its experts (True) or only its first slot.
     """
 
-    def __init__(self, coef: float, *, temperature: float = 0.07, use_top_k: bool = True, name: str = "rcl") -> None:
+    def __init__(self, coef: float, *, temperature: float, use_top_k: bool, name: str = "rcl") -> None:
         super().__init__(name, coef)
         if not temperature > 0:
             raise ConfigError(f"rcl_temperature must be > 0, got {temperature}.")

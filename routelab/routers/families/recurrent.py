@@ -1,4 +1,4 @@
-"""The layerwise recurrent router RMoE (Qiu et al. 2024; spec §10).
+"""The layerwise recurrent router RMoE (Qiu et al. 2024).
 
 Layerwise recurrent routing, RMoE (Qiu et al. 2024, "Layerwise Recurrent Router for
 Mixture-of-Experts", arXiv 2408.06793; code ``qiuzh20/RMoE``, ``llama_moe_rnn``).
@@ -65,9 +65,9 @@ class RecurrentScorer(Scorer):
         num_experts: int,
         cell: nn.Module,
         *,
-        layer_index: int = 0,
-        carry_key: str = "rmoe",
-        detach_state: bool = False,
+        layer_index: int,
+        carry_key: str,
+        detach_state: bool,
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
@@ -112,13 +112,13 @@ class RecurrentScorer(Scorer):
         return h_prev.to(like.dtype)
 
     def forward(self, x_TD: torch.Tensor, draft: RoutingDraft) -> torch.Tensor:
-        x_tilde_TR = self.proj_in(x_TD)
+        x_tilde_TF = self.proj_in(x_TD)
         carry = draft.batch.context.carry
-        h_prev_TR = self.previous_state(carry, x_TD.shape[0], x_tilde_TR)
-        h_TR = self.cell(x_tilde_TR.float(), h_prev_TR.float())
-        carry[self.carry_key] = (self.layer_index, h_TR.detach() if self.detach_state else h_TR)
-        draft.extras["rmoe_state_TR"] = h_TR
-        return self.proj_out(h_TR)
+        h_prev_TF = self.previous_state(carry, x_TD.shape[0], x_tilde_TF)
+        h_TF = self.cell(x_tilde_TF.float(), h_prev_TF.float())
+        carry[self.carry_key] = (self.layer_index, h_TF.detach() if self.detach_state else h_TF)
+        draft.extras["rmoe_state_TF"] = h_TF
+        return self.proj_out(h_TF)
 
 
 @register_preset(

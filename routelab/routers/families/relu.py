@@ -1,6 +1,4 @@
-"""ReLU-routing presets: ReMoE and BlockFFN (spec §8).
-
-ReLU routing: ReMoE and BlockFFN (spec §8).
+"""ReLU-routing presets: ReMoE and BlockFFN.
 
 * ReMoE (Wang et al. 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU
   Routing", arXiv 2412.14711; ``thu-ml/ReMoE``): gates ``G = ReLU(z)``, no top-k, no
@@ -20,7 +18,7 @@ ReLU routing: ReMoE and BlockFFN (spec §8).
 
 Both routers give every token a variable number of experts: the selector returns the
 active experts with ``k_max`` = the largest count in the batch and ``-1`` in the unused
-slots, and reports TLS/CLS sparsity (``routelab.core.sparsity``) in ``Routing.stats``.
+slots, and reports TLS/CLS sparsity (``routelab.core.routing_sparsity``) in ``Routing.stats``.
 The coefficients that adapt are buffers (saved in checkpoints) updated in ``end_of_step``.
 """
 
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routelab.core.errors import ConfigError
-from routelab.core.sparsity import sparsity_stats
+from routelab.core.routing_sparsity import sparsity_stats
 from routelab.core.validation import check_non_negative, check_positive_int
 from routelab.routers.parts.assembly import assemble_router
 from routelab.routers.parts.router import Router, RouterLoss, RoutingDraft, ScoreFunction, Selector, StatefulPart
@@ -46,7 +44,7 @@ class ActiveExpertsSelector(Selector):
         cls_window: window ``W`` of the chunk-level sparsity reported in stats.
     """
 
-    def __init__(self, num_experts: int, *, cls_window: int = 8) -> None:
+    def __init__(self, num_experts: int, *, cls_window: int) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.cls_window = check_positive_int("cls_window", cls_window)
@@ -71,7 +69,7 @@ class ActiveExpertsSelector(Selector):
 class ReLURMSNorm(ScoreFunction):
     """``RMSNorm_E(ReLU(z)) * gamma``: RMS over the expert axis, learnable per-expert ``gamma`` (init 1)."""
 
-    def __init__(self, num_experts: int, *, eps: float = 1e-5) -> None:
+    def __init__(self, num_experts: int, *, eps: float) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(num_experts))
         self.eps = check_non_negative("rmsnorm_eps", eps)
@@ -111,9 +109,9 @@ class LoadWeightedL1Loss(AdaptiveCoefficient, RouterLoss):
         num_experts: int,
         top_k: int,
         *,
-        lambda_init: float = 1e-8,
-        factor: float = 1.2,
-        target_sparsity: float | None = None,
+        lambda_init: float,
+        factor: float,
+        target_sparsity: float | None,
         name: str = "l1",
     ) -> None:
         lambda_init = float(lambda_init)
@@ -163,29 +161,29 @@ class ActivationLocalityLoss(RouterLoss):
     (BlockFFN additionally cuts at document boundaries inside packed sequences).
     """
 
-    def __init__(self, coef: float, *, steepness: float = 100.0, name: str = "locality") -> None:
+    def __init__(self, coef: float, *, steepness: float, name: str = "locality") -> None:
         super().__init__(name, coef)
         self.steepness = check_non_negative("locality_steepness", steepness)
 
     def forward(self, draft: RoutingDraft) -> torch.Tensor:
         assert draft.logits_TE is not None
         batch = draft.batch
-        pair_P = (
+        pair_T = (
             (batch.seq_id_T[1:] == batch.seq_id_T[:-1]) & (batch.position_T[1:] == batch.position_T[:-1] + 1)
         ).nonzero(as_tuple=True)[0]
-        if pair_P.numel() == 0:
+        if pair_T.numel() == 0:
             return draft.logits_TE.sum() * 0.0
-        previous_PE = draft.logits_TE.index_select(0, pair_P) * self.steepness
-        current_PE = draft.logits_TE.index_select(0, pair_P + 1) * self.steepness
-        return F.binary_cross_entropy_with_logits(previous_PE, torch.sigmoid(current_PE))
+        previous_TE = draft.logits_TE.index_select(0, pair_T) * self.steepness
+        current_TE = draft.logits_TE.index_select(0, pair_T + 1) * self.steepness
+        return F.binary_cross_entropy_with_logits(previous_TE, torch.sigmoid(current_TE))
 
 
 def chunk_sparsity_loss(p_TE: torch.Tensor, chunk_T: torch.Tensor, num_chunks: int) -> torch.Tensor:
     """``1 - mean_{chunk,e} prod_{t in chunk}(1 - p_te)`` over the non-empty chunks."""
     log_keep_TE = torch.log1p(-p_TE.clamp(max=1.0 - 1e-6))
-    log_keep_CE = p_TE.new_zeros(num_chunks, p_TE.shape[1]).index_add(0, chunk_T, log_keep_TE)
-    present_C = torch.bincount(chunk_T, minlength=num_chunks) > 0
-    return 1.0 - torch.exp(log_keep_CE[present_C]).mean()
+    log_keep_WE = p_TE.new_zeros(num_chunks, p_TE.shape[1]).index_add(0, chunk_T, log_keep_TE)
+    present_W = torch.bincount(chunk_T, minlength=num_chunks) > 0
+    return 1.0 - torch.exp(log_keep_WE[present_W]).mean()
 
 
 class ChunkSparsityLoss(AdaptiveCoefficient, RouterLoss):
@@ -206,13 +204,13 @@ class ChunkSparsityLoss(AdaptiveCoefficient, RouterLoss):
         self,
         coef: float,
         *,
-        chunk_size: int = 64,
-        warmup_steps: int = 0,
-        stable_steps: int = 1000,
-        window: int = 100,
+        chunk_size: int,
+        warmup_steps: int,
+        stable_steps: int,
+        window: int,
         min_factor: float = 1.025,
         max_factor: float = 4.0,
-        adaptive: bool = True,
+        adaptive: bool,
         name: str = "chunk_sparsity",
     ) -> None:
         super().__init__(name, check_non_negative("chunk_loss_coef", coef))

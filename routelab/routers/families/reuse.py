@@ -1,5 +1,5 @@
 """ReXMoE cross-layer expert reuse with PSR, and condenser experts with bias-driven
-sparsification (spec §13). DeepSeekMoE shared experts are a layer option
+sparsification. DeepSeekMoE shared experts are a layer option
 (``routelab.MoE(num_shared_experts=...)``); see docs/routers-dynamic-recurrent-graph-entropy-soft.md for the recipes.
 
 Parts for cross-layer expert reuse and long-tail sparsification.
@@ -70,9 +70,9 @@ class ProgressiveScalingScorer(LinearScorer, StatefulPart):
         num_experts: int,
         top_k: int,
         *,
-        reuse_factor: int = 3,
-        local_block: int = 0,
-        psr_steps: int = 1000,
+        reuse_factor: int,
+        local_block: int,
+        psr_steps: int,
         init_std: float = 0.02,
         jitter_eps: float = 0.0,
     ) -> None:
@@ -143,11 +143,11 @@ class SparsifyingBias(LossFreeBias):
         self,
         num_experts: int,
         *,
-        update_rate: float = 1e-3,
-        rule: str = "sign",
-        tail_fraction: float = 0.5,
-        recenter: bool = False,
-        clamp: float = 0.0,
+        update_rate: float,
+        rule: str,
+        tail_fraction: float,
+        recenter: bool,
+        clamp: float,
         all_reduce: bool = True,
     ) -> None:
         super().__init__(num_experts, update_rate=update_rate, recenter=recenter, clamp=clamp, all_reduce=all_reduce)

@@ -16,8 +16,8 @@ paper's normalisation for large widths, ``x`` and ``phi`` are l2-normalised over
 and the logits multiplied by a learnable scalar (``normalize=True``, scale initialised
 at 1 [recon]).
 
-The execution lives in ``routelab.moe.SoftMoE`` (``routelab.MoE(..., router="soft-moe")``
-builds one). ``SoftRouter`` computes the slot logits and an honest ``Routing`` for
+The execution lives in ``routelab.SoftMoE`` (``routelab.moe_layer(..., router="soft-moe")``
+builds one; ``routelab.MoE`` refuses a soft router). ``SoftRouter`` computes the slot logits and an honest ``Routing`` for
 statistics and traces: every token is connected to every expert, ``topk_idx`` lists all
 ``E`` experts and ``topk_weight`` is the token's *combine mass* per expert
 (``sum_{s in slots(e)} C_ts``, summing to 1); ``logits`` are the per-expert
@@ -38,7 +38,7 @@ from torch import nn
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
-from routelab.core.stats import routing_stats
+from routelab.core.routing_stats import routing_stats
 from routelab.core.validation import check_positive_int
 from routelab.routers.parts.gates import GateNorm
 from routelab.routers.parts.layout import to_padded
@@ -46,8 +46,6 @@ from routelab.routers.parts.router import Router, RoutingDraft, Scorer, Selector
 from routelab.routers.parts.score_functions import Softmax
 from routelab.routers.parts.scorers import apply_input_jitter
 from routelab.routers.registry import CommonOptions, RouterSpec, register_preset
-
-SOFT_LAYER_PRESETS = frozenset({"soft-moe"})
 
 
 class SlotScorer(Scorer):
@@ -59,7 +57,7 @@ class SlotScorer(Scorer):
         jitter_eps: Switch-style input jitter in training (0 = off).
     """
 
-    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *, normalize: bool = True, jitter_eps: float = 0.0) -> None:
+    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int, *, normalize: bool, jitter_eps: float = 0.0) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.slots_per_expert = check_positive_int("slots_per_expert", slots_per_expert)
@@ -129,8 +127,8 @@ class SoftRouter(Router):
         num_experts: int,
         *,
         top_k: int = 1,
-        slots_per_expert: int = 1,
-        normalize: bool = True,
+        slots_per_expert: int,
+        normalize: bool,
         jitter_eps: float = 0.0,
     ) -> None:
         # top_k is nominal (kept for the registry and layer attributes): every expert is used.
@@ -179,9 +177,10 @@ class SoftRouter(Router):
 @register_preset(
     "soft-moe",
     description="no discrete routing: each expert's slots are softmax-over-tokens mixtures of the sequence, each "
-    "token a softmax-over-slots mix of slot outputs; routelab.MoE(router='soft-moe') builds a SoftMoE layer",
+    "token a softmax-over-slots mix of slot outputs; runs in routelab.SoftMoE (or routelab.moe_layer)",
     paper="Puigcerver, Riquelme, Mustafa & Houlsby 2023, From Sparse to Soft Mixtures of Experts (arXiv 2308.00951)",
     default_top_k=1,
+    layer_kind="soft",
     exemptions={
         "capacity_factor": "no discrete assignment to drop: every expert processes exactly slots_per_expert slots "
         "per sequence, fixed by construction",
@@ -195,7 +194,8 @@ def build_soft_moe(spec: RouterSpec, common: CommonOptions, *, slots_per_expert:
     expert with weight = its combine mass on that expert (summing to 1); ``top_k`` is
     ignored (every expert is used). No balance loss (balanced by construction);
     ``capacity_factor`` and balance/z losses are refused. Run it with
-    ``routelab.MoE(..., router="soft-moe")``, which returns a ``routelab.moe.SoftMoE``.
+    ``routelab.SoftMoE(..., router="soft-moe")`` (or ``routelab.moe_layer``, which picks the
+    layer for any router); ``routelab.MoE`` refuses it.
     """
     refused = {
         "capacity_factor": common.capacity_factor,

@@ -1,4 +1,4 @@
-"""MoE-X sparsity-aware routing preset (Yang et al. 2025; spec §14).
+"""MoE-X sparsity-aware routing preset (Yang et al. 2025).
 
 Sparsity-aware routing of MoE-X (Yang et al. 2025, "Mixture of Experts Made
 Intrinsically Interpretable", arXiv 2503.07639).
@@ -8,7 +8,7 @@ experts whose hidden activation would be *sparsest*, estimated without running t
 Treat the encoder weights as Gaussian; a hidden unit's pre-activation ``h = w^T x`` is
 then ``N(mean, var)`` and the expected active fraction is ``rho_j(x) = Phi(mean / std)``:
 
-* ``per-expert`` statistics (the reading of the spec): ``mu_j``, ``sigma_j`` are the
+* ``per-expert`` statistics (one reading of the paper): ``mu_j``, ``sigma_j`` are the
   mean and std of all entries of ``W_enc^j``; ``mean = mu_j sum_i x_i``,
   ``std = sigma_j ||x||``;
 * ``per-input`` statistics (default): ``mu_ji``, ``sigma_ji`` are taken per input
@@ -69,7 +69,7 @@ class SparsityAwareScorer(Scorer, UsesExperts):
         temperature: ``tau`` dividing the logits (> 0).
     """
 
-    def __init__(self, num_experts: int, *, stats: str = "per-input", score: str = "neg", temperature: float = 1.0) -> None:
+    def __init__(self, num_experts: int, *, stats: str, score: str, temperature: float) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.stats = check_choice("moex_stats", stats, STAT_MODES)
@@ -111,7 +111,7 @@ def build_moe_x(
     """MoE-X sparsity-aware routing [recon]: logits ``-rho_j(x) / tau`` where ``rho_j`` is
     the Gaussian estimate of the fraction of expert j's hidden units that fire on ``x``
     (``moex_stats='per-input'``: weight mean/variance per input feature, default;
-    ``'per-expert'``: one mean/std per expert, the spec's reading; ``moex_score='log'``
+    ``'per-expert'``: one mean/std per expert, one reading of the paper; ``moex_score='log'``
     uses ``log(1 - rho)``). Top-k; gates are the softmax over the selected logits. The
     statistics come from the layer's expert weights (attached by ``routelab.MoE``); the
     paper's experts are ReLU MLPs: build the layer with ``activation='relu'``.

@@ -1,4 +1,4 @@
-"""Softmax top-k presets: Switch, GShard, Mixtral, generic top-k, noisy top-k (spec §1)."""
+"""Softmax top-k presets: Switch, GShard, Mixtral, generic top-k, noisy top-k."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def build_mixtral(spec: RouterSpec, common: CommonOptions, *, normalization: str
 
 @register_preset(
     "topk",
-    description="generic top-k with the three gate normalisations of spec §1 (no aux loss by default)",
+    description="generic top-k with the three gate normalisations of Megatron-Core (no aux loss by default)",
     paper="Shazeer et al. 2017 (arXiv 1701.06538); Megatron-Core topk_softmax_with_capacity",
     default_top_k=2,
 )

@@ -1,6 +1,6 @@
-"""Optimal-transport presets: BASE layers, Megatron Sinkhorn, Selective Sinkhorn Routing (spec §3).
+"""Optimal-transport presets: BASE layers, Megatron Sinkhorn, Selective Sinkhorn Routing.
 
-Sinkhorn-based selectors (spec §3): Megatron's Sinkhorn router and Selective Sinkhorn Routing.
+Sinkhorn-based selectors: Megatron's Sinkhorn router and Selective Sinkhorn Routing.
 
 * ``MegatronSinkhornSelector`` (Megatron-Core ``moe_utils.sinkhorn`` /
   ``router.sinkhorn_load_balancing``, used by BlackMamba, Anthony et al. 2024, arXiv
@@ -20,7 +20,7 @@ Sinkhorn-based selectors (spec §3): Megatron's Sinkhorn router and Selective Si
 Because the plan couples all tokens of the batch, training-mode routing of a token
 depends on the other tokens (a property of the methods, not of this implementation).
 
-BASE layers: balanced assignment of tokens to experts (spec §3).
+BASE layers: balanced assignment of tokens to experts.
 
 Lewis et al. 2021, "BASE Layers: Simplifying Training of Large, Sparse Models" (arXiv
 2103.16716; fairseq ``modules/base_layer.py``). Each expert has a centroid ``c_e``
@@ -85,7 +85,7 @@ def _sinkhorn_stats(draft: RoutingDraft, iterations: int, converged: bool) -> No
 class MegatronSinkhornSelector(Selector):
     """Top-k of the Sinkhorn plan of ``exp(z)`` in training; gates from the activated logits."""
 
-    def __init__(self, num_experts: int, top_k: int, *, tol: float = 1e-4, max_iter: int = 100) -> None:
+    def __init__(self, num_experts: int, top_k: int, *, tol: float, max_iter: int) -> None:
         super().__init__()
         self.top_k = check_top_k(top_k, num_experts)
         check_sinkhorn_options(tol, max_iter)
@@ -138,16 +138,16 @@ class SelectiveSinkhornSelector(Selector, StatefulPart):
         num_experts: int,
         top_k: int,
         *,
-        p_sel: float = 0.01,
-        xi: float = 0.05,
-        cost: str = "softmax",
-        noise_std: float = 0.0,
-        sinkhorn_grad: str = "unrolled",
-        draw: str = "forward",
+        p_sel: float,
+        xi: float,
+        cost: str,
+        noise_std: float,
+        sinkhorn_grad: str,
+        draw: str,
         renorm_topk: bool = True,
-        tol: float = 1e-4,
-        max_iter: int = 100,
-        seed: int | None = None,
+        tol: float,
+        max_iter: int,
+        seed: int | None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -260,11 +260,11 @@ class BalancedAssignmentSelector(Selector, StatefulPart):
         num_experts: int,
         top_k: int,
         *,
-        solver: str = "auction",
-        auction_eps: float = 0.02,
-        auction_max_rounds: int = 200,
-        auction_init: str = "sinkhorn",
-        warm_start: bool = False,
+        solver: str,
+        auction_eps: float,
+        auction_max_rounds: int,
+        auction_init: str,
+        warm_start: bool,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts

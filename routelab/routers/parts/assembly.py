@@ -19,7 +19,8 @@ from routelab.routers.parts.score_functions import Softmax
 from routelab.routers.parts.scorers import LinearScorer
 from routelab.routers.parts.selectors import TopK
 
-# Gate normalisations of spec §1 (names as in the spec), with what they mean in parts.
+# The three gate normalisations of Megatron-Core's router (pre-softmax top-k without renormalisation,
+# softmax then top-k renormalised, sigmoid then renormalised), by the names presets use.
 NORMALIZATIONS = ("pre_softmax_norenorm", "renorm", "sigmoid_norm")
 
 
@@ -55,7 +56,7 @@ def softmax_gate_mode(normalization: str, top_k: int, argument: str = "normaliza
     if normalization == "renorm" and top_k == 1:
         raise ConfigError(
             f"{argument}='renorm' with top_k=1 makes every gate exactly 1, so the router gets no gradient "
-            "(spec §1). Use normalization='pre_softmax_norenorm' (or the 'switch' preset) for top-1."
+            "(Fedus et al. 2021 route top-1 without renormalising). Use normalization='pre_softmax_norenorm' (or the 'switch' preset) for top-1."
         )
     return "renorm" if normalization == "renorm" else "none"
 

@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free load balancing: a per-expert selection bias (spec §4).
+"""Auxiliary-loss-free load balancing: a per-expert selection bias.
 
 Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"
 (arXiv 2408.15664), used by DeepSeek-V3. The bias ``b`` is added to the scores used to

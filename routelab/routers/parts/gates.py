@@ -1,4 +1,4 @@
-"""Gate normalisation: the weights given to the selected experts (spec §1).
+"""Gate normalisation: the weights given to the selected experts.
 
 * ``none``: the raw score of each selected expert (Switch top-1, DeepSeek-V1/V2, Qwen-MoE:
   "pre-softmax, no renorm").
@@ -26,7 +26,8 @@ class GateNorm(nn.Module):
         scaling_factor: multiplies the gates after normalisation.
 
     With softmax scores and k=1, ``renorm`` makes every gate exactly 1 and starves the
-    router of gradient (spec §1 pitfall); presets refuse that combination.
+    router of gradient (Switch Transformers keeps the raw top-1 probability for this reason);
+    presets refuse that combination.
     """
 
     def __init__(self, mode: str = "renorm", scaling_factor: float = 1.0) -> None:

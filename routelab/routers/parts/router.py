@@ -9,17 +9,21 @@ immutable-by-convention ``Routing`` that dispatch and metrics consume.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from routelab.core.context import TokenBatch
 from routelab.core.errors import ConfigError
 from routelab.core.routing import Routing
-from routelab.core.stats import expert_load, routing_stats
+from routelab.core.routing_stats import expert_load, routing_stats
+from routelab.core.validation import check_router_input
 
 
 @dataclass
@@ -65,6 +69,27 @@ class StatefulPart(nn.Module, ABC):
 
     @abstractmethod
     def end_of_step(self) -> None:
+        ...
+
+
+@dataclass
+class TrainingData:
+    """What a part may fit itself to before training: the training token ids (1-D int64)."""
+
+    token_ids: torch.Tensor
+    vocab_size: int
+
+    @functools.cached_property
+    def token_counts_V(self) -> torch.Tensor:
+        """How often each vocabulary id occurs in the training tokens (computed once)."""
+        return torch.bincount(self.token_ids, minlength=self.vocab_size)
+
+
+class FitsData(ABC):
+    """A part that is fitted to the training data once, before training (``fit_to_data``)."""
+
+    @abstractmethod
+    def fit_data(self, data: TrainingData) -> None:
         ...
 
 
@@ -153,7 +178,16 @@ class Router(nn.Module):
         losses: auxiliary losses; ``Routing.aux_loss`` is ``sum(coef * loss)``.
         capacity: optional token-dropping stage applied after selection.
         name: the preset name, for display.
+
+    ``layer_kind`` names the layer that runs it: ``"token"`` routers (every one built from
+    parts) run in ``routelab.MoE``; a router whose experts see mixtures of tokens says so
+    (``routelab.SoftMoE``).
     """
+
+    layer_kind = "token"
+    # Training forwards without an end_of_step after which a router with stateful parts
+    # warns (once) that its balancing state is not being updated.
+    forgotten_step_forwards = 64
 
     def __init__(
         self,
@@ -180,7 +214,12 @@ class Router(nn.Module):
         self.losses = nn.ModuleList(losses)
         self.capacity = capacity
         self.name = name
+        self.has_stateful_parts = any(isinstance(m, StatefulPart) for m in self.modules())
+        self.forwards_since_step = 0
+        self.warned_no_step = False
+        self.d_model: int | None = None  # set by create_router; checked on standalone calls
         self.replay: Any = None  # set by routelab.routers.replay while recording or replaying
+        self.register_forward_pre_hook(_check_standalone_input, with_kwargs=True)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_experts={self.num_experts}, top_k={self.top_k}"
@@ -188,6 +227,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: TokenBatch | None = None) -> Routing:
         """Route ``x_TD`` (``[T, D]``, real tokens only). ``batch`` describes their layout."""
         num_tokens = x_TD.shape[0]
+        if self.training and self.has_stateful_parts:
+            self.count_forward_without_step()
         if batch is None:
             batch = TokenBatch.single_sequence(num_tokens, device=x_TD.device)
         device_type = x_TD.device.type
@@ -254,22 +295,68 @@ class Router(nn.Module):
             return {loss.name: zero for loss in self.losses}
         return {loss.name: loss(draft) for loss in self.losses}
 
+    def count_forward_without_step(self) -> None:
+        self.forwards_since_step += 1
+        if self.forwards_since_step > self.forgotten_step_forwards and not self.warned_no_step:
+            self.warned_no_step = True
+            parts = sorted({type(m).__name__ for m in self.modules() if isinstance(m, StatefulPart)})
+            warnings.warn(
+                f"router {self.name!r} ran {self.forwards_since_step - 1} training forwards without "
+                f"routelab.end_of_step, so its stateful parts ({', '.join(parts)}) are not updated (e.g. "
+                "loss-free balancing stops). Call routelab.end_of_step(model) after each optimizer.step(), "
+                "or once routelab.register_end_of_step(optimizer, model).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def end_of_step(self) -> None:
         """Update every stateful part of this router (call once per optimizer step)."""
-        for module in self.modules():
-            if isinstance(module, StatefulPart):
-                module.end_of_step()
+        end_of_step(self)
+
+
+def _check_standalone_input(router: Router, args: tuple, kwargs: dict) -> None:
+    """Every router call gets the MoE layer's input checks (skipped inside the layer, which ran them)."""
+    check_router_input(args[0] if args else kwargs.get("x_TD"), router.d_model, name="x_TD")
 
 
 def end_of_step(model: nn.Module) -> int:
     """Call the once-per-optimizer-step update of every stateful routing part in ``model``.
 
-    Call it after ``optimizer.step()`` (after all gradient-accumulation micro-batches).
-    Returns the number of parts updated.
+    Call it after ``optimizer.step()`` (after all gradient-accumulation micro-batches), or
+    let ``register_end_of_step`` do it. Returns the number of parts updated.
     """
     count = 0
     for module in model.modules():
         if isinstance(module, StatefulPart):
             module.end_of_step()
             count += 1
+        if isinstance(module, Router):
+            module.forwards_since_step = 0
     return count
+
+
+def register_end_of_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
+    """Run ``end_of_step(model)`` after every ``optimizer.step()``, so that it cannot be forgotten.
+
+    An optimizer step hook, as torchtitan attaches its MoE load-balancing bias update to the
+    optimizer (``build_optimizers_with_moe_load_balancing`` in
+    ``torchtitan/components/optimizer.py``). torchtitan uses a pre-hook; this is a
+    post-hook (``Optimizer.register_step_post_hook``), so the update runs where
+    ``end_of_step`` always runs: after the parameter update. Call it once and do not also
+    call ``end_of_step`` by hand. ``handle.remove()`` undoes it.
+    """
+    return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: end_of_step(model))
+
+
+def fit_to_data(model: nn.Module, token_ids: torch.Tensor, vocab_size: int) -> int:
+    """Fit every part of ``model`` that learns from the training data before training
+    (``FitsData``, e.g. frequency-balanced hash routing); returns how many were fitted.
+
+    ``token_ids``: the training token ids, any shape (flattened).
+    """
+    parts = [module for module in model.modules() if isinstance(module, FitsData)]
+    if parts:
+        data = TrainingData(torch.as_tensor(token_ids).reshape(-1).long(), int(vocab_size))
+        for part in parts:
+            part.fit_data(data)
+    return len(parts)

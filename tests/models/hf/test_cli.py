@@ -121,7 +121,7 @@ def test_trace_hf_errors_name_the_fix(checkpoint, tmp_path):
     (tmp_path / "a.txt").write_text("some text")
     base = ["--corpus", str(tmp_path / "a.txt"), "--out", str(tmp_path / "x.trace")]
     missing = CliRunner().invoke(app, ["trace-hf", str(tmp_path / "nope"), *base])
-    assert missing.exit_code == 2 and "Save the tokenizer" in missing.output
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
     dense = tmp_path / "dense"
     config = tf.LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1)

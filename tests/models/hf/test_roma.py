@@ -1,6 +1,6 @@
 """RoMA router fine-tuning on tiny transformers MoE models.
 
-Oracles (spec A5): r_i = [1,0] with neighbours [0,1], [1,0] at cos .9, .5 and sigma .4
+Oracles (hand-computed): r_i = [1,0] with neighbours [0,1], [1,0] at cos .9, .5 and sigma .4
 gives W = [.6792, .3208] and regulariser 1.3584 (0 when r_i equals every neighbour).
 The regulariser is computed live, so it has a gradient w.r.t. the router weights that
 matches finite differences (the published code's precomputed r_i has none). Training

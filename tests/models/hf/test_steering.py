@@ -1,6 +1,6 @@
 """Router steering on tiny transformers MoE models.
 
-Oracles (spec A5): epsilon = 0 is the identity; a large positive epsilon puts the expert in
+Oracles (hand-computed): epsilon = 0 is the identity; a large positive epsilon puts the expert in
 every token's top-k; forcing keeps the remaining slots in their original order; a large
 negative epsilon removes the expert; selection-only steering leaves the gate values of
 unchanged selections alone; Delta_e is the hand-computed risk difference.

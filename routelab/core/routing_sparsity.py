@@ -1,7 +1,8 @@
-"""Activation sparsity of a routing: token-level (TLS) and chunk-level (CLS) sparsity.
+"""Activation sparsity of one routing batch (torch, on the router's device): token-level
+(TLS) and chunk-level (CLS) sparsity, reported by ReLU routers in ``Routing.stats``.
 
 Definitions from BlockFFN (Song et al. 2025, "BlockFFN: Towards End-Side Acceleration-Friendly
-Mixture-of-Experts with Chunk-Level Activation Sparsity", arXiv 2507.08771; spec §8):
+Mixture-of-Experts with Chunk-Level Activation Sparsity", arXiv 2507.08771):
 
 * ``TLS = 1 - nnz(G) / (T * E)``: the fraction of (token, expert) pairs that are inactive.
 * ``CLS(W) = 1 - (active (window, expert) pairs) / (windows * E)``: windows are ``W``
@@ -13,7 +14,9 @@ Windows never cross a sequence boundary. As in the BlockFFN statistics, only ful
 are counted; a batch without any full window (every sequence shorter than ``W``) is
 measured on its partial windows instead, so the value is always defined.
 
-Pure functions over ``[T, E]`` activity masks; the router and the metrics both use them.
+Pure functions over ``[T, E]`` activity masks. ``routelab.metrics.sparsity`` computes the
+same quantities over a recorded trace (numpy, ``token_level_sparsity`` /
+``chunk_level_sparsity``, plus sliding windows); a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from routelab.core.errors import ConfigError
 
 
-def active_mask(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def activity_mask(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The ``[T, E]`` boolean activity mask of a top-k map (``-1`` slots ignored)."""
     num_tokens = topk_idx_TK.shape[0]
     mask_TE = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=topk_idx_TK.device)
@@ -32,7 +35,7 @@ def active_mask(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return mask_TE[:, :num_experts]
 
 
-def token_level_sparsity(mask_TE: torch.Tensor) -> torch.Tensor:
+def tls_of_mask(mask_TE: torch.Tensor) -> torch.Tensor:
     """``1 - nnz / (T*E)`` of a ``[T, E]`` activity mask (1.0 for an empty batch)."""
     total = mask_TE.numel()
     if total == 0:
@@ -40,7 +43,7 @@ def token_level_sparsity(mask_TE: torch.Tensor) -> torch.Tensor:
     return 1.0 - mask_TE.sum().to(torch.float32) / total
 
 
-def chunk_level_sparsity(
+def cls_of_mask(
     mask_TE: torch.Tensor,
     seq_id_T: torch.Tensor,
     position_T: torch.Tensor,
@@ -79,7 +82,7 @@ def sparsity_stats(
     """``{"tls", "cls", "cls_window"}`` for ``Routing.stats``."""
     with torch.no_grad():
         return {
-            "tls": token_level_sparsity(mask_TE),
-            "cls": chunk_level_sparsity(mask_TE, seq_id_T, position_T, window),
+            "tls": tls_of_mask(mask_TE),
+            "cls": cls_of_mask(mask_TE, seq_id_T, position_T, window),
             "cls_window": torch.tensor(float(window), device=mask_TE.device),
         }

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 
 
 def t2_cdf(t: float) -> float:

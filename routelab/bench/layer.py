@@ -17,10 +17,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from routelab.benchmarks.timing import median_time
+from routelab.bench.timing import median_time
 from routelab.moe.dispatch import sort_by_expert
 from routelab.moe.experts import BatchedExperts, DenseFFN
 from routelab.moe.layer import MoE
+from routelab.moe.soft import moe_layer
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _backward(y: torch.Tensor, extra: torch.Tensor | None = None) -> None:
 def time_layer_variants(router: str, shape: Shape, dtype: torch.dtype, tokens: int, repeats: int, seed: int = 0) -> dict[str, float]:
     """Seconds per forward+backward for the layer and the three references."""
     torch.manual_seed(seed)
-    layer = MoE(
+    layer = moe_layer(
         d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts, top_k=shape.top_k, router=router
     ).to(dtype)
     x = torch.randn(1, tokens, shape.d_model, dtype=dtype, requires_grad=True)
@@ -168,10 +169,11 @@ def time_router_share(
     ``seq_len`` is None); routers that compare or mix tokens within a sequence depend on it.
     """
     from routelab.core.context import RoutingContext, TokenBatch
+    from routelab.core.validation import inputs_checked_by_layer
     from routelab.routers.registry import preset_info
 
     torch.manual_seed(seed)
-    layer = MoE(
+    layer = moe_layer(
         d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts, top_k=shape.top_k, router=router
     )
     seq_len = min(seq_len or tokens, tokens)
@@ -190,7 +192,8 @@ def time_router_share(
         layer.zero_grad(set_to_none=True)
 
     def run_router() -> None:
-        routing = layer.router(x_TD, batch)
+        with inputs_checked_by_layer():  # the router's cost inside its layer, which checks the input once
+            routing = layer.router(x_TD, batch)
         loss = routing.topk_weight.sum() + routing.aux_loss
         if loss.requires_grad:
             loss.backward()

@@ -1,7 +1,6 @@
 """Per-batch routing statistics (balance, drops, coverage) computed from a top-k map.
 
-Definitions follow specs/token-routers.md §0 and specs/systems-and-adapters.md A4:
-MaxVio = (max load - mean load) / mean load; CV = population std / mean; entropy is the
+Definitions: MaxVio (Wang et al. 2024, arXiv 2408.15664) = (max load - mean load) / mean load; CV = population std / mean; entropy is the
 entropy of the load distribution divided by ln E (1 = perfectly balanced).
 """
 
