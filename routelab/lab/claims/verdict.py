@@ -12,7 +12,7 @@ baseline, or arm minus threshold), ``n`` seeds, mean ``d`` and standard error
   side (0 included), else inconclusive.
 * ``noninferior`` (lower is better; at most ``margin`` worse): reproduced when the 95% CI's
   upper end is below ``margin``, not reproduced when its lower end is at or above ``margin``.
-* ``equivalent``: the paired TOST of ``routelab.lab.stats.tost`` (Schuirmann 1987) at level
+* ``equivalent``: the paired TOST of ``routelab.lab.equivalence.tost`` (Schuirmann 1987) at level
   0.05, i.e. the 90% CI inside ``(-margin, margin)``: reproduced; the 90% CI entirely
   outside: not reproduced; else inconclusive.
 * ``below`` / ``above``: the one-sample form of lower / higher against ``threshold``.
@@ -33,7 +33,7 @@ import numpy as np
 from scipy import stats
 
 from routelab.core.errors import ConfigError, InputError
-from routelab.lab.stats import tost
+from routelab.lab.equivalence import tost
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
