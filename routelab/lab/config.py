@@ -156,6 +156,9 @@ class ExperimentConfig(Settings):
     corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     tost: TOSTSettings = Field(default_factory=TOSTSettings)
     out_dir: str = "runs"
+    seed_noise_std: float | None = Field(
+        None, gt=0, description="std of one run's val_loss across seeds at these settings; marks leaderboard gaps "
+        "within seed noise when the experiment has a single seed (routelab.lab.seed_noise)")
 
     @field_validator("routers", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import torch
 from routelab.core.atomic_files import atomic_path
 from routelab.core.routing_stats import balance_stats
 from routelab.lab.batches import Batch
+from routelab.lab.objective import PROBE_INDEX, evaluation_forward
 from routelab.models.tinylm import TinyLM
 
 
@@ -143,12 +144,10 @@ def evaluate(
     count = torch.zeros(len(domains), dtype=torch.float64)
     layers: list[LayerTotals] = []
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             with autocast(precision):
-                out = model(batch.inputs)
-            token_loss = torch.nn.functional.cross_entropy(
-                out.logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
-            ).double()
+                out, token_loss = evaluation_forward(model, batch, index)
+            token_loss = token_loss.double()
             labels = batch.domains.flatten()
             loss_sum.index_add_(0, labels, token_loss)
             count.index_add_(0, labels, torch.ones_like(token_loss))
@@ -159,7 +158,7 @@ def evaluate(
             if collector is not None:
                 collector.add(batch, out.routings)
         with autocast(precision):
-            probe_out = model(probe.inputs)
+            probe_out, _ = evaluation_forward(model, probe, PROBE_INDEX)
     finally:
         model.train(was_training)
     val_loss = float(loss_sum.sum() / count.sum())
