@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "routelab.commands.parallel",
     "routelab.commands.adapters",
     "routelab.commands.queries",
+    "routelab.commands.claims",
     "routelab.commands.depth",
 )
 

@@ -32,7 +32,7 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class GroupedMatmul(torch.autograd.Function):
-    """``F.grouped_mm(x_NI, w_EIO, offs)`` with a backward that feeds contiguous operands.
+    """``F.grouped_mm(x_NI, w_EFO, offs)`` with a backward that feeds contiguous operands.
 
     torch's own backward multiplies by ``w.transpose(-2, -1)`` views; on CPU the per-group
     matmuls on those strided ``[r, d]`` blocks ran several times slower than on contiguous
@@ -42,18 +42,18 @@ class GroupedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x_NI, w_EIO, offsets_E)
-        return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    def forward(ctx, x_NI: torch.Tensor, w_EFO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x_NI, w_EFO, offsets_E)
+        return F.grouped_mm(x_NI, w_EFO, offs=offsets_E)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_NO: torch.Tensor):  # noqa: ANN001, ANN205
-        x_NI, w_EIO, offsets_E = ctx.saved_tensors
+        x_NI, w_EFO, offsets_E = ctx.saved_tensors
         grad_x = grad_w = None
         grad_NO = grad_NO.contiguous()
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad_NO, w_EIO.transpose(-2, -1).contiguous(), offs=offsets_E)
+            grad_x = F.grouped_mm(grad_NO, w_EFO.transpose(-2, -1).contiguous(), offs=offsets_E)
         if ctx.needs_input_grad[1]:
             narrow = x_NI.shape[1] < grad_NO.shape[1]
             aligned = (x_NI.shape[0] * x_NI.element_size()) % 16 == 0

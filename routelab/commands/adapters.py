@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,6 +11,8 @@ from rich.table import Table
 
 from routelab.commands.lab import apply_threads, output_console
 from routelab.core.errors import ConfigError
+from routelab.core.json_files import read_json
+from routelab.core.run_lock import FolderLock
 
 adapters_app = typer.Typer(help="Adapter routing (level 2): LoRA experts routed per token or per task.",
                            no_args_is_help=True)
@@ -53,18 +54,23 @@ def compare_command(
         data["out"] = out
     if methods is not None:
         data["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+        if not data["methods"]:
+            raise ConfigError(f"--methods {methods!r} names nothing; give comma-separated methods (routelab adapters list).")
     if corpus is not None:
+        if corpus != "default" and not Path(corpus).expanduser().exists():
+            raise ConfigError(f"--corpus {corpus!r} does not exist; give 'default' or a folder of text files.")
         data.setdefault("corpus", {})["source"] = corpus
     config = validated(AdapterLabConfig, data, "adapter lab settings").check()
     stored = Path(config.out) / "config.json"
     if stored.is_file():
-        previous = {k: v for k, v in json.loads(stored.read_text()).items() if k != "methods"}
+        previous = {k: v for k, v in read_json(stored, "adapter-lab config").items() if k != "methods"}
         current = {k: v for k, v in config.model_dump().items() if k != "methods"}
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise ConfigError(f"{config.out!r} holds a comparison with other settings ({', '.join(changed)}); "
                               "rerun with the same settings to continue it, or choose another --out.")
-    result = run_adapter_lab(config, show_progress=not no_progress)
+    with FolderLock(config.out, "adapter-lab folder"):
+        result = run_adapter_lab(config, show_progress=not no_progress)
     console = output_console()
     console.print(Path(result["report"]).read_text(), markup=False, highlight=False)
     console.print(f"report: {result['report']}")

@@ -327,7 +327,7 @@ def run_and_print(config: Any, *, cache_dir: Path | None, show_progress: bool, t
 
     result = run_experiment(config, console=err_console, show_progress=show_progress, cache_dir=cache_dir)
     console = output_console()
-    console.print(leaderboard_table(result["aggregates"], result["tost"], title))
+    console.print(leaderboard_table(result["aggregates"], result["tost"], title, result.get("noise")))
     serving = serving_table(result["aggregates"], "serving cost of the final routing (validation set)")
     if serving is not None:
         console.print(serving)
@@ -352,6 +352,7 @@ def demo_command(
     if steps is not None:
         settings["train"]["steps"] = steps
         settings["train"]["eval_every"] = max(1, min(settings["train"]["eval_every"], steps))
+        settings["seed_noise_std"] = None  # measured at the demo's own length only
     if routers is not None:
         settings["routers"] = [r.strip() for r in routers.split(",") if r.strip()]
         settings["baseline"] = settings["routers"][0]

@@ -25,9 +25,12 @@ SHAPE_LETTERS: dict[str, str] = {
     "L": "layers",
     "G": "selection groups: expert groups (group-limited top-k) or token groups choosing together (expert choice)",
     "W": "windows or chunks of consecutive tokens",
-    "I": "items to schedule into batches (tokens or sequences)",
+    "I": "input width of an adapted linear layer (adapters)",
+    "O": "output width of an adapted linear layer (adapters)",
+    "Y": "items to schedule into batches (tokens or sequences)",
     "X": "a layer-major bitmap over layers x experts",
     "Q": "checkpoints (evaluations) of a training run",
     "R": "length of a routing-weight vector (RoMA)",
     "J": "nearest neighbours (RoMA)",
+    "O": "output width of an adapted linear layer (LoRA experts; F is then its input width)",
 }

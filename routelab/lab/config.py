@@ -178,6 +178,9 @@ class ExperimentConfig(Settings):
     tost: TOSTSettings = Field(default_factory=TOSTSettings)
     depth: DepthSettings = Field(default_factory=DepthSettings)
     out_dir: str = "runs"
+    seed_noise_std: float | None = Field(
+        None, gt=0, description="std of one run's val_loss across seeds at these settings; marks leaderboard gaps "
+        "within seed noise when the experiment has a single seed (routelab.lab.seed_noise)")
 
     @field_validator("routers", mode="before")
     @classmethod

@@ -14,6 +14,12 @@ from typing import Any
 
 from routelab.routers.registry import list_routers
 
+# Std of one run's final validation loss across seeds at exactly these settings: measured by
+# `routelab reproduce all --budget default`, which trains this model and schedule with three
+# seeds (docs/claims.md; pooled over the arms finished when it was recorded). The demo's
+# leaderboard marks gaps below 2 * sigma * sqrt(2) as within seed noise (routelab.lab.seed_noise).
+DEMO_SEED_NOISE_STD = 0.0130
+
 DEMO_ROUTERS = ("mixtral", "loss-free", "expert-choice", "hash")
 OPTIONAL_DEMO_ROUTERS = ("ssr",)
 
@@ -45,4 +51,5 @@ def demo_settings(out_dir: str = "runs") -> dict[str, Any]:
             "precision": "auto",
         },
         "corpus": {"source": "default", "max_bytes_per_domain": 2_000_000, "vocab_size": 4096},
+        "seed_noise_std": DEMO_SEED_NOISE_STD,
     }

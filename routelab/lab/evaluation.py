@@ -23,6 +23,7 @@ import torch
 from routelab.core.atomic_files import atomic_path
 from routelab.core.routing_stats import balance_stats
 from routelab.lab.batches import Batch
+from routelab.lab.objective import PROBE_INDEX, evaluation_forward
 from routelab.models.tinylm import TinyLM
 
 
@@ -145,12 +146,10 @@ def evaluate(
     flops_sum = 0.0
     depth_rates: dict[str, dict[str, float]] = {}
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             with autocast(precision):
-                out = model(batch.inputs)
-            token_loss = torch.nn.functional.cross_entropy(
-                out.logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
-            ).double()
+                out, token_loss = evaluation_forward(model, batch, index)
+            token_loss = token_loss.double()
             labels = batch.domains.flatten()
             flops_sum += float(out.flops_per_token) * token_loss.numel()
             if out.depth is not None:
@@ -167,7 +166,7 @@ def evaluate(
             if collector is not None and out.depth is None:
                 collector.add(batch, out.routings)
         with autocast(precision):
-            probe_out = model(probe.inputs)
+            probe_out, _ = evaluation_forward(model, probe, PROBE_INDEX)
     finally:
         model.train(was_training)
     val_loss = float(loss_sum.sum() / count.sum())

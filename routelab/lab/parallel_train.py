@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -41,7 +42,6 @@ from routelab.lab.train import (
     build_optimizer,
     check_same_run,
     config_record,
-    fit_hash_tables,
     make_progress,
     read_metrics,
     resolve_precision,
@@ -51,10 +51,12 @@ from routelab.lab.train import (
 )
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 from routelab.parallel.checkpoint import load_checkpoint, save_checkpoint
+from routelab.routers import fit_to_data
 from routelab.parallel.groups import build_groups, init_process_group_from_env
 from routelab.parallel.model import expert_parameter_names, parallelize_moe_layers
 from routelab.parallel.trainer import ExpertParallelStep, check_same_config, rank_rows
 from routelab.parallel.watchdog import collective_guard
+from routelab.routers.parts.router import fit_to_data
 from routelab.systems.ep import LLEPConfig
 
 DCP_CHECKPOINT = "checkpoint.dcp"
@@ -121,7 +123,7 @@ def train_expert_parallel(
 
     seed_everything(train_config.seed)
     model = TinyLM(model_config)
-    fit_hash_tables(model, corpus.tokens("train"))
+    fit_to_data(model, torch.from_numpy(np.asarray(corpus.tokens("train"), dtype=np.int64)), model_config.vocab_size)
     parallelize_moe_layers(model, groups, llep=llep)
     optimizer = build_optimizer(model, train_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -24,8 +24,9 @@ from routelab.lab.compute import add_equal_flops, depth_mode_points, plot_qualit
 from routelab.lab.data import PreparedCorpus
 from routelab.lab.config import ExperimentConfig
 from routelab.lab.plots import plot_all
-from routelab.lab.run_metrics import RunRecord, run_columns
 from routelab.lab.equivalence import tost
+from routelab.lab.run_metrics import RunRecord, run_columns
+from routelab.lab.seed_noise import NoiseBand, gap_label, noise_band
 
 ID_COLUMNS = ("router", "preset", "seed")
 LEADERBOARD_COLUMNS = (
@@ -135,18 +136,23 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def leaderboard_table(aggregates: list[dict[str, Any]], tost_rows: list[dict[str, Any]], title: str) -> Table:
-    """The rich leaderboard printed by ``compare`` and ``demo``."""
-    table = Table(title=title)
+def leaderboard_table(
+    aggregates: list[dict[str, Any]], tost_rows: list[dict[str, Any]], title: str, noise: NoiseBand | None = None
+) -> Table:
+    """The rich leaderboard printed by ``compare`` and ``demo``; the "gap to #1" column marks
+    gaps within seed noise (``routelab.lab.seed_noise``)."""
+    table = Table(title=title, caption=noise.describe() if noise is not None else None)
     table.add_column("#", justify="right")
     table.add_column("router", style="bold cyan")
     for _, name, _ in LEADERBOARD_COLUMNS:
         table.add_column(name, justify="right")
+    table.add_column("gap to #1", justify="right")
     if tost_rows:
         table.add_column("TOST p", justify="right")
     p_values = {r["router"]: r for r in tost_rows}
     for rank, agg in enumerate(aggregates, start=1):
         cells = [str(rank), agg["router"]] + [fmt_pm(agg, c, d) for c, _, d in LEADERBOARD_COLUMNS]
+        cells.append(gap_label(agg, aggregates[0], noise))
         if tost_rows:
             result = p_values.get(agg["router"])
             cells.append("baseline" if result is None else f"{result['p_value']:.3f}" + (" ≡" if result["equivalent"] else ""))
@@ -179,6 +185,7 @@ def render_markdown(
     records: list[RunRecord],
     plots: dict[str, Path],
     wall_time_s: float,
+    noise: NoiseBand | None = None,
     flops_budget: float | None = None,
 ) -> str:
     first = records[0].summary
@@ -204,9 +211,12 @@ def render_markdown(
         "## Leaderboard (mean ± std over seeds, sorted by validation loss)",
         "",
     ]
-    header = ["#", "router"] + [name for _, name, _ in LEADERBOARD_COLUMNS]
-    body = [[str(i), a["router"]] + [fmt_pm(a, c, d) for c, _, d in LEADERBOARD_COLUMNS] for i, a in enumerate(aggregates, 1)]
+    header = ["#", "router"] + [name for _, name, _ in LEADERBOARD_COLUMNS] + ["gap to #1"]
+    body = [[str(i), a["router"]] + [fmt_pm(a, c, d) for c, _, d in LEADERBOARD_COLUMNS]
+            + [gap_label(a, aggregates[0], noise)] for i, a in enumerate(aggregates, 1)]
     lines += [markdown_table(header, body), ""]
+    lines += [noise.describe() + "." if noise is not None else
+              "With one seed and no reference seed noise for these settings, no gap is marked as within noise.", ""]
     lines += ["## Validation loss per domain", ""]
     header = ["router"] + domains
     body = [[a["router"]] + [fmt_pm(a, f"val_loss_{d}", 4) for d in domains] for a in aggregates]
@@ -329,7 +339,8 @@ def write_report(
     if compute_plot is not None:
         plots["compute"] = compute_plot
     report = folder / "report.md"
-    report.write_text(render_markdown(config, corpus, aggregates, tost_rows, records, plots, wall_time_s, budget))
+    noise = noise_band(aggregates, config.seed_noise_std)
+    report.write_text(render_markdown(config, corpus, aggregates, tost_rows, records, plots, wall_time_s, noise, budget))
     (folder / "leaderboard.json").write_text(json.dumps({"aggregates": aggregates, "tost": tost_rows}, indent=1))
     return {
         "report": report,
@@ -339,4 +350,5 @@ def write_report(
         "tost": tost_rows,
         "plots": plots,
         "wall_time_s": wall_time_s,
+        "noise": noise,
     }

@@ -56,6 +56,7 @@ from routelab.lab.data import PreparedCorpus
 from routelab.lab.depth_stage import finish_depth
 from routelab.lab.evaluation import RoutingCollector, autocast, evaluate, pad_slots, routing_fluctuation
 from routelab.lab.interrupt import deferred_interrupt
+from routelab.lab.objective import training_forward
 from routelab.models.tinylm import TinyLM, TinyLMConfig
 from routelab.routers.parts.router import fit_to_data, register_end_of_step
 
@@ -365,7 +366,7 @@ def train_step(state: TrainingState, data: RunData, config: TrainConfig, precisi
     for micro in range(config.grad_accum):
         batch = data.sampler.batch(step, micro)
         with autocast(precision):
-            out = state.model(batch.inputs, batch.targets)
+            out = training_forward(state.model, batch, seed=config.seed, step=step, micro=micro)
         if not torch.isfinite(out.loss):
             raise RoutelabError(
                 f"the training loss became {float(out.loss)} at step {step} ({label}); lower lr "

@@ -43,6 +43,7 @@ from routelab.moe.soft import moe_layer
 from routelab.routers.registry import preset_info
 
 FFN_KINDS = ("dense", "moe")
+OBJECTIVES = ("causal", "masked-diffusion")
 
 
 def shape_field(default: Any, *, flag: str, help: str, minimum: int | None = None, choices: tuple[str, ...] = ()) -> Any:
@@ -76,6 +77,9 @@ class TinyLMConfig:
         init_std: std of the embedding and projection initialisation.
         depth_router: a depth method of ``routelab.depth`` (None = every block runs).
         depth_options: options of that method (e.g. ``{"capacity": 0.125}``).
+        objective: ``causal`` (next-token prediction, causal attention) or
+            ``masked-diffusion`` (bidirectional attention and one extra embedding row, the
+            mask token ``vocab_size``; trained by ``routelab.models.masked_diffusion``).
 
     The fields made with ``shape_field`` are the ones an experiment sets (``shape_fields()``).
     """
@@ -108,6 +112,8 @@ class TinyLMConfig:
                                   choices=ACTIVATIONS)
     rope_base: float = 10000.0
     init_std: float = 0.02
+    objective: str = shape_field("causal", flag="--objective", help=f"Training objective: {', '.join(OBJECTIVES)}.",
+                                 choices=OBJECTIVES)
     depth_router: str | None = None
     depth_options: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +123,7 @@ class TinyLMConfig:
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
         check_choice("ffn", self.ffn, FFN_KINDS)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("objective", self.objective, OBJECTIVES)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ConfigError(
                 f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads} with an even head "
@@ -142,6 +149,9 @@ class TinyLMConfig:
                         f"layers (layers {self.moe_layer_indices}); give one top_k per MoE layer or a single int."
                     )
         if self.depth_router is not None:
+            if self.objective != "causal":
+                raise ConfigError(f"depth routers run causal language models; objective={self.objective!r} is not "
+                                  "supported with depth_router (use objective='causal').")
             self.build_depth()  # unknown methods and options fail here
 
     def build_depth(self) -> DepthStack | None:
@@ -150,6 +160,15 @@ class TinyLMConfig:
             return None
         return build_depth_stack(self.depth_router, d_model=self.d_model, n_layers=self.n_layers, d_ff=self.ffn_width,
                                  ffn=self.ffn, activation=self.activation, options=self.depth_options)
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == "causal"
+
+    @property
+    def mask_token_id(self) -> int | None:
+        """Id of the mask token of a masked-diffusion model (``vocab_size``), None for a causal one."""
+        return None if self.causal else self.vocab_size
 
     @property
     def ffn_width(self) -> int:
@@ -242,15 +261,16 @@ def apply_rotary(x_BASd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tenso
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary positions.
+    """Multi-head self-attention with rotary positions: causal, or bidirectional with ``causal=False``.
 
     ``forward(..., need_weights=True)`` computes the attention explicitly and also returns
     the head-averaged probabilities ``[batch, seq, seq]`` (fp32); otherwise it uses the
     fused ``scaled_dot_product_attention`` and returns None for them.
     """
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -271,14 +291,15 @@ class CausalSelfAttention(nn.Module):
         probs_BSS = None
         if need_weights:
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-            if mask is None:
+            if mask is None and self.causal:
                 mask = torch.ones(seq, seq, dtype=torch.bool, device=x_BSD.device).tril()
-            scores = scores.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             probs_BASS = torch.softmax(scores, dim=-1)
             probs_BSS = probs_BASS.mean(dim=1)
             y = probs_BASS.to(v.dtype) @ v
         elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, seq, d_model)), probs_BSS
@@ -304,7 +325,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.attn_norm = nn.RMSNorm(config.d_model)
-        self.attn = CausalSelfAttention(config.d_model, config.n_heads)
+        self.attn = CausalSelfAttention(config.d_model, config.n_heads, causal=config.causal)
         self.ffn_norm = nn.RMSNorm(config.d_model)
         self.is_moe = moe_position is not None
         if moe_position is None:
@@ -351,7 +372,7 @@ class TinyLM(nn.Module):
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = nn.Embedding(config.vocab_size + (0 if config.causal else 1), config.d_model)
         moe_layers = config.moe_layer_indices
         self.blocks = nn.ModuleList(
             Block(config, i, moe_layers.index(i) if i in moe_layers else None) for i in range(config.n_layers)
@@ -411,15 +432,17 @@ class TinyLM(nn.Module):
         check_token_tensor("input_ids", input_ids, batch, seq, dtype_kind="int")
         if seq > self.config.max_seq_len:
             raise InputError(f"input_ids has {seq} positions but max_seq_len={self.config.max_seq_len}.")
-        if input_ids.numel() and int(input_ids.max()) >= self.config.vocab_size:
-            raise InputError(f"input_ids holds id {int(input_ids.max())} >= vocab_size={self.config.vocab_size}.")
+        if input_ids.numel() and int(input_ids.max()) >= self.embed.num_embeddings:
+            raise InputError(f"input_ids holds id {int(input_ids.max())} >= vocab_size={self.config.vocab_size}"
+                             + ("" if self.config.causal else " (+1 for the mask token)") + ".")
         check_token_tensor("padding_mask", padding_mask, batch, seq, dtype_kind="bool")
         if targets is not None and (tuple(targets.shape) != (batch, seq) or targets.is_floating_point()):
             raise InputError(f"targets must be a [batch, seq] = [{batch}, {seq}] integer tensor, got "
                              f"{tuple(targets.shape)} {targets.dtype}.")
         attn_mask_BSS = None
         if padding_mask is not None and not bool(padding_mask.all()):
-            causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
+            causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device)
+            causal_SS = causal_SS.tril() if self.config.causal else causal_SS
             eye_SS = torch.eye(seq, dtype=torch.bool, device=input_ids.device)
             attn_mask_BSS = (causal_SS & padding_mask.unsqueeze(1)) | eye_SS
         else:
@@ -439,7 +462,7 @@ class TinyLM(nn.Module):
                 if routing is not None:
                     routings.append(routing)
             flops = count_standard_forward(self.blocks, routings, padding_mask, batch, seq, self.config.activation)
-        logits = F.linear(self.final_norm(x_BSD), self.embed.weight)
+        logits = F.linear(self.final_norm(x_BSD), self.embed.weight[: self.config.vocab_size])
         real_tokens = batch * seq if padding_mask is None else int(padding_mask.sum())
         flops.linear(self.config.d_model, self.config.vocab_size, real_tokens, part="output")
         flops.tokens = real_tokens

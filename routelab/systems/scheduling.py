@@ -28,7 +28,7 @@ from routelab.core.validation import check_choice
 
 
 def route_sets(trace, unit: str = "sequence") -> np.ndarray:  # noqa: ANN001 - TraceLike
-    """bool ``[I, X]`` (``X = L·E``): each item's experts at every layer (layer-major bitmap).
+    """bool ``[Y, X]`` (``X = L·E``): each item's experts at every layer (layer-major bitmap).
 
     ``unit``: ``token`` (one row per token) or ``sequence`` (union over the sequence's tokens).
     """
@@ -47,9 +47,9 @@ def route_sets(trace, unit: str = "sequence") -> np.ndarray:  # noqa: ANN001 - T
     return np.concatenate(blocks, axis=1)
 
 
-def batch_cost(sets_IX: np.ndarray, batches: list[np.ndarray]) -> int:
+def batch_cost(sets_YX: np.ndarray, batches: list[np.ndarray]) -> int:
     """``Σ_b |∪ sets|`` over all layers (the bitmap concatenates layers)."""
-    return int(sum(np.logical_or.reduce(sets_IX[b], axis=0).sum() for b in batches if len(b)))
+    return int(sum(np.logical_or.reduce(sets_YX[b], axis=0).sum() for b in batches if len(b)))
 
 
 @dataclass(frozen=True)
@@ -112,19 +112,19 @@ def _greedy_pool(sets: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return batches
 
 
-def schedule_batches(sets_IX: np.ndarray, batch_size: int, *, pool_size: int | None = None,
+def schedule_batches(sets_YX: np.ndarray, batch_size: int, *, pool_size: int | None = None,
                      num_layers: int = 1) -> ScheduleResult:
-    """Greedily regroup the items of ``sets_IX`` into batches of ``batch_size``.
+    """Greedily regroup the items of ``sets_YX`` into batches of ``batch_size``.
 
     Args:
-        sets_IX: bool ``[I, X]`` route bitmaps (``route_sets``).
+        sets_YX: bool ``[Y, X]`` route bitmaps (``route_sets``).
         pool_size: items the scheduler may reorder at once (a serving queue), a multiple of
             ``batch_size``; default: all items.
         num_layers: layers in the bitmaps (only for the per batch-layer means).
     """
-    sets = np.asarray(sets_IX, dtype=bool)
+    sets = np.asarray(sets_YX, dtype=bool)
     if sets.ndim != 2:
-        raise InputError(f"sets_IX must be a [items, layers*experts] bitmap, got shape {sets.shape}.")
+        raise InputError(f"sets_YX must be a [items, layers*experts] bitmap, got shape {sets.shape}.")
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     batch_size = int(batch_size)

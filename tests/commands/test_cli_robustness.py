@@ -163,6 +163,12 @@ ROWS = [
     (["queries", "evaluate", "--routers", "nope"], "router"),
     (["queries", "evaluate", "--datasets", "{missing}.csv"], "missing.csv"),
     (["queries", "evaluate", "-o", "knn"], "--option"),
+    # adapters
+    (["adapters", "compare", "--methods", ","], "--methods"),
+    (["adapters", "compare", "--methods", "nope"], "methods"),
+    (["adapters", "compare", "--corpus", "{missing}"], "--corpus"),
+    (["adapters", "compare", "--threads", "0"], "--threads"),
+    (["adapters", "compare", "{bin_yaml}"], "junk.yaml"),
     # bench and list
     (["bench", "--tokens", "0"], "--tokens"),
     (["bench", "--repeats", "0"], "--repeats"),

@@ -22,9 +22,9 @@ from routelab.parallel.routing import (
 PRESETS = [info["name"] for info in routelab.list_routers()]
 
 
-def build(name: str) -> routelab.MoE:
+def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return routelab.MoE(d_model=16, d_hidden=16, num_experts=8, router=name)
+    return routelab.moe_layer(d_model=16, d_hidden=16, num_experts=8, router=name)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -96,15 +96,17 @@ def alternatives(name: str, option: str, default: Any) -> list[Any]:
 
 def fingerprint(name: str, options: dict[str, Any]) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    layer = routelab.MoE(d_model=D_MODEL, d_hidden=12, num_experts=NUM_EXPERTS, router=name, **options).train()
+    layer = routelab.moe_layer(d_model=D_MODEL, d_hidden=12, num_experts=NUM_EXPERTS, router=name, **options).train()
     extra = side_inputs(BATCH, SEQ)
+    # timestep and attention travel in a model-wide context (SoftMoE refuses them as arguments)
+    context = routelab.RoutingContext(attention=extra["attention"], timestep=extra["timestep"])
     g = torch.Generator().manual_seed(1)
     target = torch.randn(BATCH, SEQ, D_MODEL, generator=g)
     seen: list[torch.Tensor] = []
     for _ in range(STEPS):
         x = torch.randn(BATCH, SEQ, D_MODEL, generator=g).requires_grad_()
         torch.manual_seed(7)  # the same noise draws in both runs
-        out = layer(x, token_ids=extra["token_ids"], attention=extra["attention"], timestep=extra["timestep"])
+        out = layer(x, token_ids=extra["token_ids"], context=context)
         loss = (out.y * target).sum() + out.aux_loss
         layer.zero_grad()
         loss.backward()
@@ -119,8 +121,7 @@ def fingerprint(name: str, options: dict[str, Any]) -> list[torch.Tensor]:
         seen += [b.detach().clone() for b in layer.router.buffers()]
     layer.eval()
     with torch.no_grad():
-        out = layer(torch.randn(BATCH, SEQ, D_MODEL, generator=g), token_ids=extra["token_ids"],
-                    attention=extra["attention"], timestep=extra["timestep"])
+        out = layer(torch.randn(BATCH, SEQ, D_MODEL, generator=g), token_ids=extra["token_ids"], context=context)
     return seen + [out.y, out.routing.topk_idx, out.routing.topk_weight]
 
 

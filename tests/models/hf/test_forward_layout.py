@@ -8,7 +8,7 @@ import torch
 from routelab.core.errors import ConfigError, InputError
 from routelab.models.hf.context import ForwardLayout, SequenceCounter, forward_tokens_from_call
 
-from .hf_tiny import tiny_batch, tiny_model
+from tests.hf_tiny import tiny_batch, tiny_model
 
 
 class FakeCache:
