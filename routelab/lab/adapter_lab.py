@@ -33,28 +33,41 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, create_model
 from rich.console import Console
 
 from routelab.adapters import AdapterSet, attach_adapters, prepare_finetune, rloo_surrogate
 from routelab.core import ConfigError
 from routelab.lab.adapter_tasks import DEFAULT_HELD_OUT, TaskData, make_tasks
 from routelab.lab.checkpoint import load_model
-from routelab.lab.config import CorpusSettings, Settings, TrainConfig
+from routelab.lab.config import CorpusSettings, Settings, TrainConfig, settings_field
 from routelab.lab.corpus import collect_documents, split_documents
 from routelab.lab.data import prepare_corpus
 from routelab.lab.train import train_run
-from routelab.models.tinylm import TinyLM, TinyLMConfig
+from routelab.models.tinylm import TinyLM, TinyLMConfig, shape_fields
 
 METHODS = ("base", "oracle", "multitask", "uniform", "poly", "mhr", "glider", "topk", "remix")
 EXPERT_METHODS = ("oracle", "uniform", "glider", "topk", "remix")
 
 
-class BaseModelSettings(Settings):
-    d_model: int = Field(64, ge=8)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(4, ge=1)
-    d_ff: int = Field(256, ge=8)
+# The frozen base is a small dense TinyLM: its shape fields come from TinyLMConfig (one source
+# of model configuration), with smaller defaults of its own.
+BASE_MODEL_DEFAULTS = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256}
+
+
+def _base_model_field(name: str, default: int) -> tuple[Any, Any]:
+    field = next(f for f in shape_fields() if f.name == name)
+    annotation, _ = settings_field(field)
+    return annotation, Field(default, ge=field.metadata["minimum"], description=field.metadata["help"])
+
+
+BaseModelSettings = create_model(
+    "BaseModelSettings",
+    __base__=Settings,
+    __module__=__name__,
+    **{name: _base_model_field(name, default) for name, default in BASE_MODEL_DEFAULTS.items()},
+)
+BaseModelSettings.__doc__ = "Shape of the adapter lab's frozen dense base TinyLM (fields of TinyLMConfig)."
 
 
 class AdapterLabConfig(Settings):

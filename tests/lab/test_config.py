@@ -73,3 +73,14 @@ def test_compare_passes_the_shape_flags_into_the_experiment(monkeypatch) -> None
     assert model.model_dump() == expected
     assert dataclasses.asdict(model.tinylm(vocab_size=300, max_seq_len=16, router="mixtral", router_options={})) == {
         **dataclasses.asdict(TinyLMConfig(vocab_size=300, max_seq_len=16)), **expected}
+
+
+def test_adapter_lab_base_model_fields_are_tinylm_shape_fields() -> None:
+    from routelab.lab.adapter_lab import BaseModelSettings
+    from routelab.models.tinylm import shape_fields
+
+    shapes = {field.name: field for field in shape_fields()}
+    for name, info in BaseModelSettings.model_fields.items():
+        assert name in shapes, f"{name} is not a TinyLMConfig shape field"
+        assert info.description == shapes[name].metadata["help"]
+    assert BaseModelSettings().d_model == 64  # its own, smaller default
