@@ -15,6 +15,7 @@ from torch import nn
 from routelab.core.context import RoutingContext
 from routelab.core.routing import Routing
 from routelab.depth.flops import FlopCounter, causal_pairs
+from routelab.depth.result import DepthResult
 
 KV_CACHE_KEY = "depth_kv_cache"
 
@@ -145,6 +146,24 @@ def run_block(
     x_BND = x_BND + attention_delta(block, x_BND, cos, sin, valid_BN, counter, attn_mask_BNN, context)
     y, routing = ffn_delta(block, block.ffn_norm(x_BND), valid_BN, context, counter, activation)
     return x_BND + y, routing
+
+
+def run_recorded_block(
+    block: nn.Module,
+    x_BND: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    valid_BN: torch.Tensor | None,
+    context: RoutingContext,
+    result: DepthResult,
+    activation: str,
+    attn_mask_BNN: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``run_block``, counting FLOPs into ``result`` and keeping the block's MoE routing there."""
+    x_BND, routing = run_block(block, x_BND, cos, sin, valid_BN, context, result.flops, activation, attn_mask_BNN)
+    if routing is not None:
+        result.moe_routings.append(routing)
+    return x_BND
 
 
 def count_standard_forward(blocks: nn.ModuleList, routings: list[Routing], padding_mask_BS: torch.Tensor | None,

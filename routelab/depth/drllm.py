@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routelab.core.errors import ConfigError
-from routelab.depth.blocks import run_block
+from routelab.depth.blocks import run_recorded_block
 from routelab.depth.result import DepthResult, LayerDecision
 from routelab.depth.stack import DepthStack
 
@@ -167,10 +167,8 @@ class DrLLMStack(DepthStack):
                     token_ids=context.token_ids.index_select(0, rows) if context.token_ids is not None else None,
                     padding_mask=sub_pad, timestep=None, carry=context.carry,
                 )
-                y, routing = run_block(block, x_BSD.index_select(0, rows), cos_Sd, sin_Sd, sub_pad, sub_context,
-                                       result.flops, self.activation, sub_mask)
-                if routing is not None:
-                    result.moe_routings.append(routing)
+                y = run_recorded_block(block, x_BSD.index_select(0, rows), cos_Sd, sin_Sd, sub_pad, sub_context,
+                                       result, self.activation, sub_mask)
                 x_BSD = x_BSD.index_copy(0, rows, y)
             real = padding_mask_BS if padding_mask_BS is not None else torch.ones(batch, seq, dtype=torch.bool,
                                                                                    device=x_BSD.device)

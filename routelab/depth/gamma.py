@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from routelab.core.errors import ConfigError
 from routelab.depth.blocks import (
-    add_to_tokens, attention_delta, ffn_delta, gather_tokens, run_block, selection_index, subset_context, subset_rope,
+    add_to_tokens, attention_delta, ffn_delta, gather_tokens, run_recorded_block, selection_index, subset_context, subset_rope,
 )
 from routelab.depth.mod import MoDStack, flat_tokens, to_grid
 from routelab.depth.result import DepthResult, LayerDecision
@@ -159,10 +159,8 @@ class GammaMoDStack(MoDStack):
         result = DepthResult()
         for index, block in enumerate(blocks):
             if index not in self.layers:
-                x_BSD, routing = run_block(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, context, result.flops,
+                x_BSD = run_recorded_block(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, context, result,
                                            self.activation, attn_mask_BSS)
-                if routing is not None:
-                    result.moe_routings.append(routing)
                 continue
             selected_BS, p_BS = self.gamma_decide(index, block, x_BSD, padding_mask_BS, context, result)
             idx_BN, valid_BN = selection_index(selected_BS)

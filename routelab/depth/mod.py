@@ -33,7 +33,7 @@ from torch import nn
 
 from routelab.core.context import RoutingContext, TokenBatch
 from routelab.core.errors import ConfigError
-from routelab.depth.blocks import add_to_tokens, gather_tokens, run_block, selection_index, subset_context, subset_rope
+from routelab.depth.blocks import add_to_tokens, gather_tokens, run_recorded_block, selection_index, subset_context, subset_rope
 from routelab.depth.result import DepthResult, LayerDecision
 from routelab.depth.stack import DepthStack
 from routelab.routers import create_router
@@ -96,10 +96,8 @@ def apply_routed_block(
         return x_BSD
     x_sel = gather_tokens(x_BSD, idx_BN)
     cos, sin = subset_rope(cos_Sd, sin_Sd, idx_BN)
-    y_sel, routing = run_block(block, x_sel, cos, sin, valid_BN, subset_context(context, idx_BN, valid_BN),
-                               result.flops, activation)
-    if routing is not None:
-        result.moe_routings.append(routing)
+    y_sel = run_recorded_block(block, x_sel, cos, sin, valid_BN, subset_context(context, idx_BN, valid_BN), result,
+                               activation)
     delta = y_sel - x_sel
     if weight_BS is not None:
         delta = delta * weight_BS.gather(1, idx_BN).unsqueeze(-1).to(delta.dtype)
@@ -218,10 +216,8 @@ class MoDStack(DepthStack):
         result = DepthResult()
         for index, block in enumerate(blocks):
             if index not in self.layers:
-                x_BSD, routing = run_block(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, context, result.flops,
+                x_BSD = run_recorded_block(block, x_BSD, cos_Sd, sin_Sd, padding_mask_BS, context, result,
                                            self.activation, attn_mask_BSS)
-                if routing is not None:
-                    result.moe_routings.append(routing)
                 continue
             selected_BS, weight_BS = self.decide(index, x_BSD, padding_mask_BS, context, result)
             x_BSD = apply_routed_block(block, x_BSD, selected_BS, weight_BS, cos_Sd, sin_Sd, context, result,
