@@ -186,9 +186,9 @@ class Lab:
         params = [p for ps in groups.values() for p in ps]
         model.train()
         rng = np.random.default_rng([config.seed, len(label), steps])
-        from routelab.lab.train import make_progress
+        from routelab.lab.train import progress_bars
 
-        with (make_progress(self.console) if self.show_progress else _Quiet()) as progress:
+        with progress_bars(self.console, self.show_progress) as progress:
             task = progress.add_task(label, total=steps, loss="-", speed="-")
             for step in range(steps):
                 batch = data.sample(task_pool, config.batch_size, rng)
@@ -435,20 +435,6 @@ def sequence_losses(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch
     ce_BS = ce.view(targets_BS.shape)
     count_B = (targets_BS != -100).sum(dim=1).clamp_min(1)
     return ce_BS.sum(dim=1) / count_B
-
-
-class _Quiet:
-    def __enter__(self) -> _Quiet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def run_adapter_lab(config: AdapterLabConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:

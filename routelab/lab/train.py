@@ -238,6 +238,11 @@ class ProbeHistory:
             np.savez_compressed(tmp, **arrays)
 
 
+def progress_bars(console: Console, show: bool) -> Progress | NoProgress:
+    """The run's progress bars, or a silent stand-in when ``show`` is False."""
+    return make_progress(console) if show else NoProgress()
+
+
 def make_progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -488,7 +493,7 @@ def train_run(
     wall_start = time.perf_counter()
     state.model.train()
     with files.metrics.open("a") as log, deferred_interrupt() as stop, (
-        make_progress(console) if show_progress else _NoProgress()
+        progress_bars(console, show_progress)
     ) as progress:
         task = progress.add_task(label, total=train_config.steps, completed=state.step, loss="-", speed="-")
         while state.step < train_config.steps:
@@ -513,10 +518,10 @@ def train_run(
                       precision=precision, wall_time_s=time.perf_counter() - wall_start)
 
 
-class _NoProgress:
+class NoProgress:
     """Stands in for a rich ``Progress`` when progress bars are off."""
 
-    def __enter__(self) -> _NoProgress:
+    def __enter__(self) -> NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
