@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routelab.core.errors import ConfigError, suggest
+from routelab.lab import demo
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,8 @@ class Budget:
     description: str = ""
 
 
-DEMO_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "num_experts": 8, "top_k": 2, "expert_d_hidden": 256}
-DEMO_TRAIN = {"batch_size": 16, "seq_len": 128, "lr": 3e-3, "warmup_steps": 25, "eval_every": 50,
-              "eval_tokens": 16384, "checkpoint_every": 50, "precision": "auto"}
-DEMO_CORPUS = {"source": "default", "max_bytes_per_domain": 2_000_000, "vocab_size": 4096}
+DEMO_TRAIN = {**{k: v for k, v in demo.DEMO_TRAIN.items() if k != "steps"}, "checkpoint_every": 50}
+DEMO_MODEL, DEMO_CORPUS = demo.DEMO_MODEL, demo.DEMO_CORPUS
 
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from rich.console import Console
 
 from routelab.lab.claims.budgets import Budget, get_budget
 from routelab.lab.claims.measures import run_measures
+from routelab.lab.claims.pool import WorkerSetup, train_in_parallel
 from routelab.lab.claims.registry import Check, Claim, get_claims
 from routelab.lab.claims.runs import RUN_INFO, RunSpec, get_arm, resolved_settings, run_folder
 from routelab.lab.claims.verdict import NOT_MEASURABLE, NOT_RUN, CheckResult, combine, judge
@@ -120,7 +121,8 @@ class Runner:
     def finished(self, spec: RunSpec) -> bool:
         return RunFiles(self.folder(spec)).finished()
 
-    def train(self, spec: RunSpec, console: Console, show_progress: bool) -> dict[str, Any]:
+    def train(self, spec: RunSpec, console: Console, show_progress: bool,
+              on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
         settings = self.settings(spec)
         folder = self.folder(spec)
         folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ class Runner:
         model_config = model.tinylm(vocab_size=self.corpus.vocab_size, max_seq_len=settings["train"]["seq_len"],
                                     router=settings["router"], router_options=settings["options"])
         return train_run(folder, self.corpus, model_config, TrainConfig(**settings["train"]), resume=True,
-                         console=console, show_progress=show_progress, label=spec.label)
+                         console=console, show_progress=show_progress, label=spec.label, on_step_end=on_step_end)
 
     def measures(self, spec: RunSpec) -> dict[str, Any] | None:
         if spec not in self._measures:
@@ -139,6 +141,14 @@ class Runner:
             finished = RunFiles(folder).finished()
             self._measures[spec] = run_measures(folder, spec.arm, get_arm(spec.arm).router, spec.seed) if finished else None
         return self._measures[spec]
+
+
+def open_runner(budget_name: str, corpus_overrides: dict[str, Any], cache_dir: str | Path | None,
+                out: str | Path) -> Runner:
+    """The budget's corpus (prepared, or read from its cache) and a ``Runner`` writing to ``out``."""
+    budget = get_budget(budget_name)
+    corpus = prepare_corpus(CorpusSettings(**{**budget.corpus, **corpus_overrides}).options(), cache_dir=cache_dir)
+    return Runner(budget, corpus, Path(out), corpus_overrides)
 
 
 def evaluate_check(runner: Runner, claim: Claim, check: Check, steps: int, seeds: Sequence[int]) -> CheckRow:
@@ -196,32 +206,40 @@ def reproduce(
     report: str | Path | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    jobs: int = 1,
+    threads_per_job: int = 1,
 ) -> Reproduction:
     """Train what the claims need (unless ``train=False``), judge them and write the report.
 
     The report (``<out>/claims-<budget>.md`` unless ``report`` names another file) holds the
-    claims table, the budget sweep and the run list.
+    claims table, the budget sweep and the run list. With ``jobs`` > 1 the runs train in
+    that many worker processes of ``threads_per_job`` intra-op threads each
+    (``routelab.lab.claims.pool``); the results are the same as one after the other.
     """
     console = console or Console(stderr=True)
     start = time.perf_counter()
     budget = get_budget(budget_name)
     claims = get_claims(selector)
     overrides = {"source": corpus_source} if corpus_source else {}
-    corpus_settings = CorpusSettings(**{**budget.corpus, **overrides})
     with console.status("preparing the corpus and tokenizer ..."):
-        corpus = prepare_corpus(corpus_settings.options(), cache_dir=cache_dir)
-    out = Path(out)
-    runner = Runner(budget, corpus, out, overrides)
+        runner = open_runner(budget.name, overrides, cache_dir, out)
+    out = runner.out
     specs = planned_runs(claims, budget, sweep=sweep)
     for spec in specs:  # validate every setting before any training
         runner.settings(spec)
     finished_before = sum(runner.finished(s) for s in specs)
+    todo = [s for s in specs if not runner.finished(s)] if train else []
+    jobs = max(1, min(jobs, len(todo))) if todo else 1
+    at_once = f", {jobs} at a time with {threads_per_job} thread(s) each" if jobs > 1 else ""
     console.print(f"routelab reproduce {selector} --budget {budget.name}: {len(specs)} runs "
-                  f"({finished_before} finished, {len(specs) - finished_before} to train) in {out}/")
+                  f"({finished_before} finished, {len(specs) - finished_before} to train{at_once}) in {out}/")
     trained = 0
     train_start = time.perf_counter()
-    if train:
-        todo = [s for s in specs if not runner.finished(s)]
+    if jobs > 1:
+        setup = WorkerSetup(budget.name, overrides, None if cache_dir is None else str(cache_dir), str(out),
+                            threads_per_job)
+        trained = train_in_parallel(setup, todo, jobs, console, show_progress, runner.folder)
+    else:
         for index, spec in enumerate(todo):
             elapsed = time.perf_counter() - train_start
             eta = f", about {elapsed / index * (len(todo) - index) / 60:.0f} min left" if index else ""
