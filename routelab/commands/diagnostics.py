@@ -174,7 +174,9 @@ def analyze_command(
                               devices=devices, prefetch=not no_prefetch)
     trace = _open_trace(trace_path, max_tokens)
     target = out or trace_path.with_name(trace_path.name + "-analysis")
-    with console.status("analysing") as status:
+    from routelab.core.run_lock import FolderLock
+
+    with FolderLock(target, "analysis folder"), console.status("analysing") as status:
         report = analyze_trace(trace, target, options, progress=lambda s: status.update(f"analysing: {s}"))
     console.print(f"report: {report}")
 

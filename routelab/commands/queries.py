@@ -142,7 +142,10 @@ def evaluate_command(
     )
     err_console.print(f"routelab queries evaluate: {len(config.datasets)} dataset(s) x {len(config.routers)} "
                       f"router(s) x seeds {config.seeds} -> {config.folder}/")
-    result = run_query_experiment(config, console=err_console, show_progress=not no_progress)
+    from routelab.core.run_lock import FolderLock
+
+    with FolderLock(config.folder, "query evaluation folder"):
+        result = run_query_experiment(config, console=err_console, show_progress=not no_progress)
     console = output_console()
     for table in leaderboard_tables(result["aggregates"], "query routing"):
         console.print(table)

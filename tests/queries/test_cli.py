@@ -78,3 +78,13 @@ def test_evaluation_file_with_labelled_routers(tmp_path):
     bad.write_text("routers: [knn]\nlearning_rate: 3\n")
     refused = runner.invoke(app, ["queries", "evaluate", str(bad)])
     assert refused.exit_code == 2 and "unknown key(s) ['learning_rate']" in refused.output
+
+
+def test_evaluate_refuses_a_folder_another_process_writes(tmp_path):
+    from routelab.core.run_lock import FolderLock
+
+    with FolderLock(tmp_path / "mt", "query evaluation folder"):
+        result = runner.invoke(app, ["queries", "evaluate", "--datasets", "routellm-mt-bench", "--routers", "random",
+                                     "--out-dir", str(tmp_path), "--name", "mt", "--no-progress"])
+    assert result.exit_code == 2 and "is in use by pid" in result.output
+    assert not (tmp_path / "mt" / "report.md").exists()

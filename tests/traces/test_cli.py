@@ -192,3 +192,13 @@ def test_simulate_commands(tmp_path, skewed_trace):
     assert bad.exit_code == 2 and "exceeds num_experts" in bad.output
     missing = runner.invoke(app, ["analyze", str(tmp_path / "nope.trace")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_analyze_refuses_a_folder_another_process_writes(tmp_path, skewed_trace):
+    from routelab.core.run_lock import FolderLock
+
+    out = tmp_path / "report"
+    with FolderLock(out, "analysis folder"):  # a second open file description: refused like another process
+        result = runner.invoke(app, ["analyze", str(skewed_trace), "--out", str(out), "--no-prefetch"])
+    assert result.exit_code == 2 and "is in use by pid" in result.output
+    assert not (out / "report.md").exists()

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ def train_in_parallel(setup: WorkerSetup, specs: Sequence[RunSpec], jobs: int, c
                TimeRemainingColumn())
     progress = Progress(*columns, console=console, disable=not show_progress)
     bars: dict[RunSpec, Any] = {}
+    started: dict[RunSpec, float] = {}
+    begin = time.perf_counter()
     try:
         with progress:
             overall = progress.add_task(f"runs ({len(workers)} at once)", total=len(specs))
@@ -129,13 +132,17 @@ def train_in_parallel(setup: WorkerSetup, specs: Sequence[RunSpec], jobs: int, c
                 if kind == "start":
                     console.print(f"start {spec.label} -> {folder_of(spec).name} (worker pid {payload})")
                     bars[spec] = progress.add_task(spec.label, total=spec.steps)
+                    started[spec] = time.perf_counter()
                 elif kind == "step":
                     progress.update(bars[spec], completed=payload)
                 elif kind == "done":
                     done += 1
                     progress.update(overall, completed=done)
                     progress.remove_task(bars.pop(spec))
-                    console.print(f"finished {spec.label} ({done}/{len(specs)})")
+                    now = time.perf_counter()
+                    left = (now - begin) / done * (len(specs) - done) / 60
+                    console.print(f"finished {spec.label} in {(now - started.pop(spec)) / 60:.1f} min "
+                                  f"({done}/{len(specs)}; about {left:.0f} min left)")
                 elif kind == "error":
                     failure = (spec, *payload)
                     break

@@ -9,6 +9,7 @@ checkpoint. ``train=False`` only renders the table from the runs finished so far
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from routelab.core.run_lock import FolderLock
 from routelab.lab.claims.budgets import Budget, get_budget
 from routelab.lab.claims.measures import run_measures
 from routelab.lab.claims.pool import WorkerSetup, train_in_parallel
@@ -108,8 +110,10 @@ class Reproduction:
 class Runner:
     """Maps run specs to folders (by config hash), trains them, and reads their metrics."""
 
-    def __init__(self, budget: Budget, corpus: PreparedCorpus, out: Path, corpus_overrides: dict[str, Any]) -> None:
+    def __init__(self, budget: Budget, corpus: PreparedCorpus, out: Path, corpus_overrides: dict[str, Any],
+                 cache_dir: str | Path | None = None) -> None:
         self.budget, self.corpus, self.out, self.corpus_overrides = budget, corpus, out, corpus_overrides
+        self.cache_dir = cache_dir  # where the corpus cache is (worker processes read it from there)
         self._measures: dict[RunSpec, dict[str, Any] | None] = {}
 
     def settings(self, spec: RunSpec) -> dict[str, Any]:
@@ -148,7 +152,7 @@ def open_runner(budget_name: str, corpus_overrides: dict[str, Any], cache_dir: s
     """The budget's corpus (prepared, or read from its cache) and a ``Runner`` writing to ``out``."""
     budget = get_budget(budget_name)
     corpus = prepare_corpus(CorpusSettings(**{**budget.corpus, **corpus_overrides}).options(), cache_dir=cache_dir)
-    return Runner(budget, corpus, Path(out), corpus_overrides)
+    return Runner(budget, corpus, Path(out), corpus_overrides, cache_dir)
 
 
 def evaluate_check(runner: Runner, claim: Claim, check: Check, steps: int, seeds: Sequence[int]) -> CheckRow:
@@ -194,6 +198,24 @@ def seed_noise(runner: Runner, claims: Sequence[Claim]) -> tuple[float, int, int
     return (math.sqrt(total / dof), dof, arms) if dof else None
 
 
+def train_runs(runner: Runner, todo: Sequence[RunSpec], jobs: int, threads_per_job: int, console: Console,
+               show_progress: bool) -> int:
+    """Train ``todo`` one after the other, or on ``jobs`` worker processes; return how many."""
+    if jobs > 1:
+        setup = WorkerSetup(runner.budget.name, runner.corpus_overrides, None if runner.cache_dir is None
+                            else str(runner.cache_dir), str(runner.out), threads_per_job)
+        return train_in_parallel(setup, todo, jobs, console, show_progress, runner.folder)
+    start = time.perf_counter()
+    for index, spec in enumerate(todo):
+        elapsed = time.perf_counter() - start
+        eta = f", about {elapsed / index * (len(todo) - index) / 60:.0f} min left" if index else ""
+        resuming = RunFiles(runner.folder(spec)).checkpoint.is_file()
+        console.print(f"[{index + 1}/{len(todo)}] {spec.label}{' (resuming)' if resuming else ''}"
+                      f" -> {runner.folder(spec).name}{eta}")
+        runner.train(spec, console, show_progress)
+    return len(todo)
+
+
 def reproduce(
     selector: str = "all",
     budget_name: str = "default",
@@ -235,19 +257,8 @@ def reproduce(
                   f"({finished_before} finished, {len(specs) - finished_before} to train{at_once}) in {out}/")
     trained = 0
     train_start = time.perf_counter()
-    if jobs > 1:
-        setup = WorkerSetup(budget.name, overrides, None if cache_dir is None else str(cache_dir), str(out),
-                            threads_per_job)
-        trained = train_in_parallel(setup, todo, jobs, console, show_progress, runner.folder)
-    else:
-        for index, spec in enumerate(todo):
-            elapsed = time.perf_counter() - train_start
-            eta = f", about {elapsed / index * (len(todo) - index) / 60:.0f} min left" if index else ""
-            resuming = RunFiles(runner.folder(spec)).checkpoint.is_file()
-            console.print(f"[{index + 1}/{len(todo)}] {spec.label}{' (resuming)' if resuming else ''}"
-                          f" -> {runner.folder(spec).name}{eta}")
-            runner.train(spec, console, show_progress)
-            trained += 1
+    with FolderLock(out, "claims folder") if todo else contextlib.nullcontext():
+        trained = train_runs(runner, todo, jobs, threads_per_job, console, show_progress)
     train_time = time.perf_counter() - train_start
     rows = [evaluate_check(runner, claim, check, budget.steps, budget.seeds)
             for claim in claims for check in claim.checks]
