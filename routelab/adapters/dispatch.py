@@ -117,12 +117,12 @@ def dense_delta(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: t
     dtype = x_TD.dtype
     num_experts, rank = bank.num_experts, bank.rank
     gates_TE = dense_gates(topk_idx_TK, topk_weight_TK.float(), num_experts) * bank.scaling
-    a_DX = bank.lora_A.to(dtype).permute(1, 0, 2).reshape(bank.d_in, num_experts * rank)
-    h_TER = (x_TD @ a_DX).view(-1, num_experts, rank) * gates_TE.to(dtype).unsqueeze(-1)
+    a_DF = bank.lora_A.to(dtype).permute(1, 0, 2).reshape(bank.d_in, num_experts * rank)
+    h_TER = (x_TD @ a_DF).view(-1, num_experts, rank) * gates_TE.to(dtype).unsqueeze(-1)
     return h_TER.reshape(-1, num_experts * rank) @ bank.lora_B.to(dtype).reshape(num_experts * rank, bank.d_out)
 
 
-def mixed_delta(x_BSD: torch.Tensor, weight_BHS: torch.Tensor, bank: LoRABank, num_heads: int) -> torch.Tensor:
+def mixed_delta(x_BSD: torch.Tensor, weight_BGE: torch.Tensor, bank: LoRABank, num_heads: int) -> torch.Tensor:
     """Weight-space mixing of Polytropon (``num_heads = 1``) and MHR (``num_heads = h``).
 
     The bank holds ``S`` skills; head ``q`` owns the ``q``-th block of the input dims of
@@ -133,10 +133,10 @@ def mixed_delta(x_BSD: torch.Tensor, weight_BHS: torch.Tensor, bank: LoRABank, n
     dtype = matmul_dtype(x_BSD)
     batch = x_BSD.shape[0]
     skills, d_in, rank, d_out = bank.num_experts, bank.d_in, bank.rank, bank.d_out
-    w_BHS = weight_BHS.to(dtype)
-    a_HSdr = bank.lora_A.to(dtype).view(skills, num_heads, d_in // num_heads, rank).transpose(0, 1)
-    b_HSro = bank.lora_B.to(dtype).view(skills, rank, num_heads, d_out // num_heads).permute(2, 0, 1, 3)
-    a_BDR = torch.einsum("bhs,hsdr->bhdr", w_BHS, a_HSdr).reshape(batch, d_in, rank)
-    b_BRO = torch.einsum("bhs,hsro->brho", w_BHS, b_HSro).reshape(batch, rank, d_out)
+    w_BGE = weight_BGE.to(dtype)
+    a_GEdr = bank.lora_A.to(dtype).view(skills, num_heads, d_in // num_heads, rank).transpose(0, 1)
+    b_GEro = bank.lora_B.to(dtype).view(skills, rank, num_heads, d_out // num_heads).permute(2, 0, 1, 3)
+    a_BDR = torch.einsum("bhs,hsdr->bhdr", w_BGE, a_GEdr).reshape(batch, d_in, rank)
+    b_BRO = torch.einsum("bhs,hsro->brho", w_BGE, b_GEro).reshape(batch, rank, d_out)
     scaling = bank.scaling[0].to(dtype)
     return torch.bmm(torch.bmm(x_BSD.to(dtype), a_BDR), b_BRO) * scaling

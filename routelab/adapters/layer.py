@@ -105,9 +105,9 @@ class RoutedLoRALinear(nn.Module):
                 raise InputError(f"task_ids has shape {tuple(task_ids_B.shape)}; expected one id per sequence, [{batch.batch_size}].")
             task_ids_T = task_ids_B[batch.seq_id_T]
         routing = self.router(x_TD, batch, task_ids_T)
-        if routing.mixture_BHS is not None:
+        if routing.mixture_BGE is not None:
             x_BSD = x.reshape(batch.batch_size, batch.seq_len, self.bank.d_in)
-            delta = mixed_delta(x_BSD, routing.mixture_BHS, self.bank, self.router.num_heads)
+            delta = mixed_delta(x_BSD, routing.mixture_BGE, self.bank, self.router.num_heads)
             if self.state.padding_mask is not None:
                 delta = delta * self.state.padding_mask.to(delta.device, delta.dtype).unsqueeze(-1)
             delta = delta.reshape(*leading, self.bank.d_out)

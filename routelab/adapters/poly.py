@@ -63,21 +63,21 @@ class PolyRouter(AdapterRouter):
         """``[B, h, S]`` per-head skill weights (each head sums to 1)."""
         if self.uniform:
             return self.logits.new_full((task_ids_B.shape[0], self.num_heads, self.num_skills), 1.0 / self.num_skills)
-        z_BHS = self.task_logits(task_ids_B)
+        z_BGE = self.task_logits(task_ids_B)
         if self.training:
-            w_BHS = RelaxedBernoulli(torch.tensor(self.temperature, device=z_BHS.device), logits=z_BHS).rsample()
+            w_BGE = RelaxedBernoulli(torch.tensor(self.temperature, device=z_BGE.device), logits=z_BGE).rsample()
         else:
-            w_BHS = torch.sigmoid(z_BHS)
-        return w_BHS / (w_BHS.sum(dim=-1, keepdim=True) + EPS)
+            w_BGE = torch.sigmoid(z_BGE)
+        return w_BGE / (w_BGE.sum(dim=-1, keepdim=True) + EPS)
 
     def forward(self, x_TD: torch.Tensor, batch: TokenBatch, task_ids_T: torch.Tensor | None) -> AdapterRouting:
         if task_ids_T is None:
             raise InputError("Polytropon/MHR routing needs task ids; pass task_ids= to AdapterSet.context(...).")
         task_ids_B = torch.full((batch.batch_size,), -1, dtype=torch.int64, device=x_TD.device)
         task_ids_B[batch.seq_id_T] = task_ids_T
-        w_BHS = self.mixture(task_ids_B)
+        w_BGE = self.mixture(task_ids_B)
         num_pairs = self.num_heads * self.num_skills
-        w_TX = w_BHS.reshape(-1, num_pairs)[batch.seq_id_T] / self.num_heads
+        w_TX = w_BGE.reshape(-1, num_pairs)[batch.seq_id_T] / self.num_heads
         logits_TX = self.task_logits(task_ids_B).reshape(-1, num_pairs)[batch.seq_id_T].float()
         idx_TX = dense_slots(x_TD.shape[0], num_pairs, x_TD.device)
-        return build_routing(idx_TX, w_TX.float(), logits_TX, w_TX.float(), num_pairs, mixture_BHS=w_BHS)
+        return build_routing(idx_TX, w_TX.float(), logits_TX, w_TX.float(), num_pairs, mixture_BGE=w_BGE)

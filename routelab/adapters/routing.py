@@ -1,6 +1,6 @@
 """What every adapter router returns: a ``Routing`` (so stats, traces and reports work unchanged).
 
-``AdapterRouting`` is a ``Routing`` with two optional extras: ``mixture_BHS`` (the
+``AdapterRouting`` is a ``Routing`` with two optional extras: ``mixture_BGE`` (the
 per-sequence skill weights of weight-space methods, Polytropon/MHR) and ``log_prob_T``
 (the log-probability of each token's sampled expert subset, ReMix's policy gradient).
 """
@@ -22,12 +22,12 @@ class AdapterRouting(Routing):
     """A ``Routing`` over LoRA experts.
 
     Attributes:
-        mixture_BHS: ``[batch, heads, skills]`` weights of a weight-space mixture (the
+        mixture_BGE: ``[batch, heads, skills]`` weights of a weight-space mixture (the
             update is then computed by ``mixed_delta``); None for output-space routing.
         log_prob_T: ``[T]`` log-probability of each token's sampled subset (ReMix), else None.
     """
 
-    mixture_BHS: torch.Tensor | None = None
+    mixture_BGE: torch.Tensor | None = None
     log_prob_T: torch.Tensor | None = None
 
 
@@ -40,7 +40,7 @@ def build_routing(
     *,
     losses: dict[str, torch.Tensor] | None = None,
     aux_loss: torch.Tensor | None = None,
-    mixture_BHS: torch.Tensor | None = None,
+    mixture_BGE: torch.Tensor | None = None,
     log_prob_T: torch.Tensor | None = None,
 ) -> AdapterRouting:
     """Assemble an ``AdapterRouting`` with the standard per-batch statistics."""
@@ -56,7 +56,7 @@ def build_routing(
         losses=losses or {},
         aux_loss=aux_loss if aux_loss is not None else logits_TE.new_zeros(()),
         stats=stats,
-        mixture_BHS=mixture_BHS,
+        mixture_BGE=mixture_BGE,
         log_prob_T=log_prob_T,
     )
 

@@ -38,8 +38,8 @@ def add_to_tokens(x_BSD: torch.Tensor, idx_BN: torch.Tensor, valid_BN: torch.Ten
     """``x_BSD`` plus ``delta_BND`` at the valid rows ``idx_BN`` (out of place; the gradient to
     ``x_BSD`` passes through unchanged, so the skipped tokens cost no extra backward work)."""
     batch, seq, d_model = x_BSD.shape
-    rows_R = (idx_BN + torch.arange(batch, device=idx_BN.device).unsqueeze(1) * seq)[valid_BN]
-    return x_BSD.reshape(batch * seq, d_model).index_add(0, rows_R, delta_BND[valid_BN].to(x_BSD.dtype)).view_as(x_BSD)
+    rows_N = (idx_BN + torch.arange(batch, device=idx_BN.device).unsqueeze(1) * seq)[valid_BN]
+    return x_BSD.reshape(batch * seq, d_model).index_add(0, rows_N, delta_BND[valid_BN].to(x_BSD.dtype)).view_as(x_BSD)
 
 
 def subset_rope(cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, positions_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

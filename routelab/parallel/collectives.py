@@ -33,10 +33,10 @@ def gather_counts(count: int, group: dist.ProcessGroup, device: torch.device) ->
     return [int(t.item()) for t in out]
 
 
-def _gather_padded(x_RC: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+def _gather_padded(rows_TF: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     rows = max(counts) if counts else 0
-    padded = x_RC.new_zeros((rows, *x_RC.shape[1:]))
-    padded[: x_RC.shape[0]] = x_RC
+    padded = rows_TF.new_zeros((rows, *rows_TF.shape[1:]))
+    padded[: rows_TF.shape[0]] = rows_TF
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
@@ -44,21 +44,21 @@ def _gather_padded(x_RC: torch.Tensor, counts: list[int], group: dist.ProcessGro
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RC, counts, rank, group):  # type: ignore[override]  # noqa: ANN001
+    def forward(ctx, rows_TF, counts, rank, group):  # type: ignore[override]  # noqa: ANN001
         ctx.counts, ctx.rank, ctx.group = counts, rank, group
-        return _gather_padded(x_RC, counts, group)
+        return _gather_padded(rows_TF, counts, group)
 
     @staticmethod
-    def backward(ctx, grad_GC: torch.Tensor):  # type: ignore[override]
-        grad = grad_GC.contiguous().clone()
+    def backward(ctx, grad_TF: torch.Tensor):  # type: ignore[override]
+        grad = grad_TF.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.counts[: ctx.rank])
         return grad[start : start + ctx.counts[ctx.rank]], None, None, None
 
 
-def gather_rows(x_RC: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """``cat`` of every rank's ``x_RC`` (rank ``j`` holds ``counts[j]`` rows), differentiable."""
+def gather_rows(rows_TF: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """``cat`` of every rank's ``rows_TF`` (rank ``j`` holds ``counts[j]`` rows), differentiable."""
     rank = dist.get_rank(group)
-    if x_RC.requires_grad and torch.is_grad_enabled():
-        return _GatherRows.apply(x_RC, counts, rank, group)
-    return _gather_padded(x_RC.detach() if not x_RC.requires_grad else x_RC, counts, group)
+    if rows_TF.requires_grad and torch.is_grad_enabled():
+        return _GatherRows.apply(rows_TF, counts, rank, group)
+    return _gather_padded(rows_TF.detach() if not rows_TF.requires_grad else rows_TF, counts, group)

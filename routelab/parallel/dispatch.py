@@ -178,18 +178,19 @@ def dispatch_combine_parallel(
     d_model = x_TD.shape[1]
     x_ND = x_TD.index_select(0, plan.token_N)
     weight_N = topk_weight_TK.reshape(-1).index_select(0, plan.flat_N)
-    payload_NC = torch.cat([x_ND, weight_N.to(x_ND.dtype).unsqueeze(1)], dim=1)
-    received_RC = all_to_all(payload_NC, plan.recv_splits, plan.send_splits, group)
-    ordered_RC = received_RC.index_select(0, plan.recv_perm)
+    # N: the (token, expert) rows this rank sends; after the exchange, the rows it received for its own experts
+    payload_NF = torch.cat([x_ND, weight_N.to(x_ND.dtype).unsqueeze(1)], dim=1)
+    received_NF = all_to_all(payload_NF, plan.recv_splits, plan.send_splits, group)
+    ordered_NF = received_NF.index_select(0, plan.recv_perm)
     w_in, w_out = exchange_weights(experts.w_in_EDH, experts.w_out_EHD, plan, group)
     # a copy with dense strides even when no rows arrived (an empty view keeps the payload's
     # row stride, which grouped GEMM rejects); it stays in the graph so that this rank takes
     # part in the backward all-to-all and its experts get (zero) gradients as in one process
-    x_RD = ordered_RC[:, :d_model].clone(memory_format=torch.contiguous_format)
-    y_RD = experts.forward_sorted(
-        x_RD, plan.slot_counts, ordered_RC[:, d_model].contiguous(), w_in_EDH=w_in, w_out_EHD=w_out
+    expert_x_ND = ordered_NF[:, :d_model].clone(memory_format=torch.contiguous_format)
+    expert_y_ND = experts.forward_sorted(
+        expert_x_ND, plan.slot_counts, ordered_NF[:, d_model].contiguous(), w_in_EDH=w_in, w_out_EHD=w_out
     )
-    back_RD = torch.empty_like(y_RD).index_copy(0, plan.recv_perm, y_RD) if y_RD.shape[0] else y_RD
-    y_ND = all_to_all(back_RD, plan.send_splits, plan.recv_splits, group)
+    back_ND = torch.empty_like(expert_y_ND).index_copy(0, plan.recv_perm, expert_y_ND) if expert_y_ND.shape[0] else expert_y_ND
+    y_ND = all_to_all(back_ND, plan.send_splits, plan.recv_splits, group)
     out_TD = y_ND.new_zeros(x_TD.shape[0], d_model)
     return out_TD.index_add(0, plan.token_N, y_ND)

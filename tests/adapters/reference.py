@@ -30,17 +30,17 @@ def reference_routed(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.
     return torch.stack(rows)
 
 
-def reference_mhr(x_D: torch.Tensor, w_HS: torch.Tensor, bank: LoRABank) -> torch.Tensor:
+def reference_mhr(x_D: torch.Tensor, w_GE: torch.Tensor, bank: LoRABank) -> torch.Tensor:
     """MHR for one token: head q mixes the skills' q-th input block of A and q-th output block of B."""
-    heads, skills = w_HS.shape
+    heads, skills = w_GE.shape
     d_in, d_out, rank = bank.d_in, bank.d_out, bank.rank
     a_DR = torch.zeros(d_in, rank)
     b_RO = torch.zeros(rank, d_out)
     bi, bo = d_in // heads, d_out // heads
     for q in range(heads):
         for s in range(skills):
-            a_DR[q * bi:(q + 1) * bi] += w_HS[q, s] * bank.lora_A[s, q * bi:(q + 1) * bi]
-            b_RO[:, q * bo:(q + 1) * bo] += w_HS[q, s] * bank.lora_B[s, :, q * bo:(q + 1) * bo]
+            a_DR[q * bi:(q + 1) * bi] += w_GE[q, s] * bank.lora_A[s, q * bi:(q + 1) * bi]
+            b_RO[:, q * bo:(q + 1) * bo] += w_GE[q, s] * bank.lora_B[s, :, q * bo:(q + 1) * bo]
     return reference_lora(x_D, a_DR, b_RO, float(bank.scaling[0]))
 
 

@@ -86,8 +86,8 @@ def test_mhr_heads_mix_their_own_blocks() -> None:
     x = torch.randn(1, 3, 8)
     with adapters.context(task_ids=[0]):
         y = model(x)
-    w_HS = layer.router.mixture(torch.tensor([0]))[0]
-    expected = torch.stack([x[0, t] @ layer.base.weight.T + reference_mhr(x[0, t], w_HS, layer.bank) for t in range(3)])
+    w_GE = layer.router.mixture(torch.tensor([0]))[0]
+    expected = torch.stack([x[0, t] @ layer.base.weight.T + reference_mhr(x[0, t], w_GE, layer.bank) for t in range(3)])
     assert torch.allclose(y[0], expected, atol=1e-5)
 
 

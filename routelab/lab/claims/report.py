@@ -81,7 +81,7 @@ def render_markdown(result: Reproduction, runner: Runner) -> str:
     if result.seed_noise is not None:
         sigma, dof, arms = result.seed_noise
         lines += ["", f"Seed noise: the validation loss of one run varies across seeds with a standard deviation of "
-                  f"{sigma:.4f} nats (pooled over {arms} arms, {dof} degrees of freedom)."]
+                  f"{sigma:.4f} nats (pooled over {arms} causal-LM arms, {dof} degrees of freedom)."]
     notes = [(c.id, c.note) for c in result.claims if c.note]
     if notes:
         lines += ["", "Notes:", ""] + [f"- claim {cid}: {note}" for cid, note in notes]

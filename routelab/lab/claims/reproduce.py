@@ -185,11 +185,14 @@ def evaluate_check(runner: Runner, claim: Claim, check: Check, steps: int, seeds
 
 
 def seed_noise(runner: Runner, claims: Sequence[Claim]) -> tuple[float, int, int] | None:
-    """Std of one run's validation loss across seeds, pooled over the arms whose main runs
-    have finished for every seed: ``(sigma, degrees of freedom, arms)``."""
+    """Std of one run's validation loss across seeds, pooled over the causal-LM arms whose
+    main runs have finished for every seed: ``(sigma, degrees of freedom, arms)``. The
+    masked-diffusion arms are left out: their loss is another quantity (the diffusion ELBO)
+    with its own noise, and the demo this sigma serves trains causal LMs."""
     budget = runner.budget
     total, dof, arms = 0.0, 0, 0
-    for arm in dict.fromkeys(a for c in claims for a in c.arms):
+    causal = [a for c in claims for a in c.arms if "objective" not in get_arm(a).model]
+    for arm in dict.fromkeys(causal):
         values = [m.get("val_loss") for m in (runner.measures(RunSpec(arm, budget.steps, s)) for s in budget.seeds) if m]
         if len(values) == len(budget.seeds) >= 2 and all(v is not None for v in values):
             total += float(np.var(values, ddof=1)) * (len(values) - 1)

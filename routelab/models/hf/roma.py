@@ -42,9 +42,9 @@ def neighbour_weights(cos_BK: torch.Tensor, sigma: float = 0.4) -> torch.Tensor:
     return raw_BK / raw_BK.sum(dim=-1, keepdim=True)
 
 
-def manifold_regulariser(r_BR: torch.Tensor, neighbours_BJR: torch.Tensor, weights_BJ: torch.Tensor) -> torch.Tensor:
+def manifold_regulariser(r_BF: torch.Tensor, neighbours_BJF: torch.Tensor, weights_BJ: torch.Tensor) -> torch.Tensor:
     """``(1/B) sum_i sum_j W_ij ||r_i - r_j||^2``."""
-    sq_BJ = ((r_BR.unsqueeze(1) - neighbours_BJR) ** 2).sum(dim=-1)
+    sq_BJ = ((r_BF.unsqueeze(1) - neighbours_BJF) ** 2).sum(dim=-1)
     return (weights_BJ * sq_BJ).sum(dim=-1).mean()
 
 
@@ -110,7 +110,7 @@ def mean_token_embedding(model: nn.Module) -> EmbedFn:
 
 @dataclass
 class SuccessfulSet:
-    """The successful samples: unit task embeddings ``[N, D]`` and base-model routing vectors ``[N, R]``."""
+    """The successful samples: unit task embeddings ``[N, D]`` and base-model routing vectors ``[N, F]``."""
 
     embeddings: torch.Tensor
     routing: torch.Tensor
@@ -135,7 +135,7 @@ class SuccessfulSet:
     def neighbours(
         self, query_BD: torch.Tensor, k: int, sigma: float, exclude_B: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` most cosine-similar successful samples: routing ``[B, k, R]`` and weights ``[B, k]``."""
+        """The ``k`` most cosine-similar successful samples: routing ``[B, k, F]`` and weights ``[B, k]``."""
         cos_BN = F.normalize(query_BD.float(), dim=-1) @ self.embeddings.T
         if exclude_B is not None:
             rows = torch.nonzero(exclude_B >= 0).squeeze(1)
@@ -226,7 +226,7 @@ class RomaTrainer:
     ) -> dict[str, float]:
         """One optimiser step on a batch; ``exclude[i]`` is the successful-set index of sample i (or -1)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        neighbours_BJR, weights_BJ = self.successful.neighbours(self.embed(input_ids, mask), self.k, self.sigma, exclude)
+        neighbours_BJF, weights_BJ = self.successful.neighbours(self.embed(input_ids, mask), self.k, self.sigma, exclude)
         self._capture.per_layer = {}
         outputs = self.handle.model(input_ids=input_ids, attention_mask=mask, labels=labels)
         if self.task_loss is not None:
@@ -235,7 +235,7 @@ class RomaTrainer:
             task = outputs.loss
         else:
             raise InputError("pass labels (or a task_loss) to train with a task loss.")
-        regulariser = manifold_regulariser(self._capture.vector(), neighbours_BJR.to(task.device), weights_BJ.to(task.device))
+        regulariser = manifold_regulariser(self._capture.vector(), neighbours_BJF.to(task.device), weights_BJ.to(task.device))
         self.steps_done += 1
         lam = self.lam_at(self.steps_done)
         loss = task + lam * regulariser
