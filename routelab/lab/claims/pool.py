@@ -72,7 +72,12 @@ def _worker(setup: WorkerSetup, tasks: Any, messages: Any, stop: Any) -> None:
         messages.put(("step", spec, step))
 
     while not stop.is_set():
-        spec = tasks.get()
+        try:
+            spec = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent is gone: nobody will send more work
+                return
+            continue
         if spec is None or stop.is_set():
             return
         messages.put(("start", spec, os.getpid()))
