@@ -32,8 +32,8 @@ class TrainConfig(Settings):
 
     Tokens per optimizer step are ``batch_size * seq_len * grad_accum``. The learning rate
     warms up linearly for ``warmup_steps`` and then follows a cosine down to
-    ``min_lr_ratio * lr`` at ``steps``. ``precision='auto'`` picks bf16 autocast when
-    this machine runs bf16 matmuls faster than fp32, else fp32 (decided once per run).
+    ``min_lr_ratio * lr`` at ``steps``. ``precision='auto'`` picks bf16 autocast on a CPU
+    with AMX bf16 tiles, else fp32 (``routelab.lab.train.resolve_precision``; once per run).
     """
 
     steps: int = Field(1000, ge=1)

@@ -94,24 +94,27 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU has AMX bf16 tiles (``amx_bf16`` in /proc/cpuinfo)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` on a GPU or a CPU with native bf16 matmuls, else ``fp32``.
+    """``auto`` -> ``bf16`` on a CPU with AMX bf16 tiles, else ``fp32``.
 
     Decided from the hardware, not by timing, so that the choice does not depend on load.
-    Without native support bf16 autocast on a CPU is emulated and slower than fp32.
+    AVX512-BF16 without AMX is not enough: on such a Xeon bf16 autocast trained the demo's
+    TinyLM 2.0x slower than fp32 and ran the MoE layer benchmark 1.4-1.6x slower, while
+    the machine that first recorded that benchmark ran it 2.7-3.5x faster in bf16
+    (docs/benchmarks.md; its CPU flags were not recorded, AMX is the likely difference).
     """
     if precision != "auto":
         return precision
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if cpu_has_amx_bf16() else "fp32"
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:

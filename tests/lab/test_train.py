@@ -175,3 +175,13 @@ def test_vocab_mismatch_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         train_run(tmp_path / "run", corpus, config, tiny_train(), show_progress=False)
     assert json.dumps(tiny_train().model_dump())  # the config serialises
+
+
+def test_auto_precision_is_bf16_only_with_amx_tiles(monkeypatch):
+    from routelab.lab import train
+
+    monkeypatch.setattr(train, "cpu_has_amx_bf16", lambda: True)
+    assert train.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(train, "cpu_has_amx_bf16", lambda: False)  # e.g. AVX512-BF16 alone
+    assert train.resolve_precision("auto") == "fp32"
+    assert train.resolve_precision("bf16") == "bf16" and train.resolve_precision("fp32") == "fp32"
