@@ -23,7 +23,7 @@ from rich.console import Console
 
 from routelab.core.run_lock import FolderLock
 from routelab.lab.claims.budgets import Budget, get_budget
-from routelab.lab.claims.measures import run_measures
+from routelab.lab.claims.measures import ON_DEMAND, on_demand_measure, run_measures
 from routelab.lab.claims.pool import WorkerSetup, train_in_parallel
 from routelab.lab.claims.registry import Check, Claim, get_claims
 from routelab.lab.claims.runs import RUN_INFO, RunSpec, get_arm, resolved_settings, run_folder
@@ -139,6 +139,16 @@ class Runner:
         return train_run(folder, self.corpus, model_config, TrainConfig(**settings["train"]), resume=True,
                          console=console, show_progress=show_progress, label=spec.label, on_step_end=on_step_end)
 
+    def metric(self, spec: RunSpec, name: str) -> float | None:
+        """One metric of a finished run (None when it is not finished): a ``run_measures``
+        column, or an ``ON_DEMAND`` measurement made now and cached."""
+        measures = self.measures(spec)
+        if measures is None:
+            return None
+        if name in ON_DEMAND:
+            return on_demand_measure(self.folder(spec), name)
+        return measures.get(name)
+
     def measures(self, spec: RunSpec) -> dict[str, Any] | None:
         if spec not in self._measures:
             folder = self.folder(spec)
@@ -160,10 +170,10 @@ def evaluate_check(runner: Runner, claim: Claim, check: Check, steps: int, seeds
     values: dict[str, list[float]] = {arm: [] for arm in check.arms}
     done = 0
     for seed in seeds:
-        per_arm = [runner.measures(RunSpec(arm, steps, seed)) for arm in check.arms]
-        if any(m is None for m in per_arm):
+        specs = [RunSpec(arm, steps, seed) for arm in check.arms]
+        if any(runner.measures(spec) is None for spec in specs):
             continue
-        metric = [m.get(check.metric) for m in per_arm]
+        metric = [runner.metric(spec, check.metric) for spec in specs]
         if any(v is None or not np.isfinite(v) for v in metric):
             return CheckRow(claim, check, steps, None, reason=f"{check.metric} is not defined for these runs",
                             measurable=False)

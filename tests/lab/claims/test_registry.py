@@ -12,7 +12,7 @@ from routelab.lab.claims.verdict import KINDS
 from routelab.lab.run_metrics import RUN_METRICS
 from routelab import list_routers
 
-EXTRA_METRICS = {"max_vio_first10", "cache_knee"}
+EXTRA_METRICS = {"max_vio_first10", "cache_knee", "llep_measured_speedup"}
 COMPARE_COLUMNS = {"val_loss", "val_ppl", "max_vio_avg", "max_vio_final", "cv_final", "active_experts_per_token",
                    "sch_2k", "lru_hit_2k", "llep_speedup", "ep_max_mean"}
 
@@ -32,7 +32,9 @@ def test_claims_are_well_formed():
             assert (check.margin is not None) == (check.kind in ("noninferior", "equivalent")), check.label
             assert check.paper, check.label
     assert all(arm.router in registered for arm in ARMS.values())
-    assert [c.prediction for c in CLAIMS].count(True) == 1  # claim 10 is a cost-model prediction
+    llep = next(c for c in CLAIMS if c.name == "llep")  # LLEP: the cost model's prediction and a real-EP measurement
+    assert [c.metric for c in llep.checks] == ["llep_speedup", "llep_measured_speedup"]
+    assert "prediction" in llep.checks[0].statement and "measured" in llep.checks[1].statement
 
 
 def test_runs_are_shared_between_claims_and_the_sweep():
