@@ -159,8 +159,12 @@ def train_in_parallel(setup: WorkerSetup, specs: Sequence[RunSpec], jobs: int, c
     if failure is not None:
         _stop(workers, stop, console)
         spec, error, text = failure
-        if isinstance(error, RoutelabError):
-            raise error
+        if isinstance(error, RoutelabError):  # the same error (a one-line CLI message), naming the run
+            try:
+                named = type(error)(f"run {spec.label}: {error}")
+            except TypeError:
+                named = error
+            raise named from None
         raise RunFailed(f"run {spec.label} ({folder_of(spec)}) failed in its worker:\n{text}")
     for worker in workers:
         worker.join()
