@@ -62,9 +62,13 @@ def _worker(setup: WorkerSetup, tasks: Any, messages: Any, stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     torch.set_num_threads(setup.threads)
-    tune_cpu_allocator_from_env()
     quiet = Console(file=open(os.devnull, "w"), stderr=False)
-    runner = open_runner(setup.budget_name, setup.corpus_overrides, setup.cache_dir, setup.out)
+    try:
+        tune_cpu_allocator_from_env()
+        runner = open_runner(setup.budget_name, setup.corpus_overrides, setup.cache_dir, setup.out)
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
+        messages.put(("error", None, (_picklable(error), traceback.format_exc())))
+        return
 
     def report_step(spec: RunSpec, step: int) -> None:
         if os.getppid() != parent:  # the parent is gone (killed): checkpoint at the next step and stop
@@ -159,13 +163,15 @@ def train_in_parallel(setup: WorkerSetup, specs: Sequence[RunSpec], jobs: int, c
     if failure is not None:
         _stop(workers, stop, console)
         spec, error, text = failure
+        what = f"run {spec.label}" if spec is not None else "a training worker, starting,"
         if isinstance(error, RoutelabError):  # the same error (a one-line CLI message), naming the run
             try:
-                named = type(error)(f"run {spec.label}: {error}")
+                named = type(error)(f"{what}: {error}")
             except TypeError:
                 named = error
             raise named from None
-        raise RunFailed(f"run {spec.label} ({folder_of(spec)}) failed in its worker:\n{text}")
+        where = f"run {spec.label} ({folder_of(spec)})" if spec is not None else "a training worker, starting,"
+        raise RunFailed(f"{where} failed in its worker:\n{text}")
     for worker in workers:
         worker.join()
     return done

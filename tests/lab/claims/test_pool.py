@@ -10,6 +10,7 @@ from rich.console import Console
 from tests.lab_helpers import write_corpus
 from typer.testing import CliRunner
 
+import routelab
 from routelab.cli import app
 from routelab.lab.claims import reproduce
 from routelab.lab.claims.pool import RunFailed, WorkerSetup, train_in_parallel
@@ -68,3 +69,10 @@ def test_reproduce_refuses_a_claims_folder_in_use(corpus_dir, tmp_path):
                                           str(corpus_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert result.exit_code == 2 and "claims folder" in result.output and "is in use by pid" in result.output
     assert not out.exists()  # nothing trained (the lock removed the folder it made)
+
+
+def test_a_worker_that_cannot_start_says_why(tmp_path):
+    setup = WorkerSetup("smoke", {"source": str(tmp_path / "no-such-corpus")}, str(tmp_path / "cache"),
+                        str(tmp_path / "out"), 1)
+    with pytest.raises(routelab.RoutelabError, match="a training worker, starting,.*no-such-corpus"):
+        train_in_parallel(setup, [RunSpec("aux", 2, 0)], 1, Console(quiet=True), False, lambda spec: tmp_path)
