@@ -11,8 +11,9 @@ values are tried (choices are read from the option's own error message); one tha
 something, or a refusal naming the option, settles it.
 
 ``NOT_SHOWN_BY_PROBE`` lists the specific options whose effect this short probe does not
-reach (long schedules, multi-layer state, a balanced random router); they are skipped with
-that reason, visibly, until a probe for each exists.
+reach (long schedules, multi-layer state, options that need another one on in both runs);
+they are skipped with that reason, visibly, and each names the test file that shows its
+effect directly.
 """
 
 from __future__ import annotations
@@ -169,19 +170,19 @@ COMMON_OPTIONS = tuple(f.name for f in dataclasses.fields(CommonOptions))
 CASES = [(name, option) for name in ALL_PRESETS for option in preset(name).options()]
 
 NOT_SHOWN_BY_PROBE: dict[tuple[str, str], str] = {
-    ("rmoe", "rnn_cell"): "takes a module, not a value",
-    ("rmoe", "layer_index"): "needs the routing state of earlier layers in one forward",
-    ("rmoe", "carry_key"): "needs the routing state of earlier layers in one forward",
-    ("rmoe", "detach_state"): "acts on gradients through the state carried between layers",
-    ("attention-aware", "detach_attention"): "acts on gradients into the attention weights (a side input here)",
-    ("attention-aware", "attention_causal"): "the probe's attention is already causal",
-    ("condenser", "tail_fraction"): "acts once the sparsifying bias has built up",
-    ("magnet", "patience"): "a schedule over many steps",
-    ("ec-dlm", "missing_timestep"): "the probe always passes a timestep",
-    ("cosine", "bandpass_loss_coef"): "the loss is zero while every load is inside the band; the probe's router is balanced",
-    ("sra", "bandpass_loss_coef"): "the loss is zero while every load is inside the band; the probe's router is balanced",
-    ("blockffn", "chunk_adaptive"): "a schedule over many steps",
-    ("blockffn", "chunk_stable_steps"): "a schedule over many steps",
+    ("rmoe", "rnn_cell"): "takes a module, not a value (test_zoo_recurrent.py)",
+    ("rmoe", "layer_index"): "needs the routing state of earlier layers in one forward (test_zoo_recurrent.py)",
+    ("rmoe", "carry_key"): "needs the routing state of earlier layers in one forward (test_zoo_recurrent.py)",
+    ("rmoe", "detach_state"): "acts on gradients through the state carried between layers (test_zoo_recurrent.py)",
+    ("attention-aware", "detach_attention"): "acts on gradients into the attention weights (test_zoo_graph.py)",
+    ("attention-aware", "attention_causal"): "the probe's attention is already causal (test_zoo_graph.py)",
+    ("condenser", "tail_fraction"): "acts once the sparsifying bias has built up (test_zoo_reuse.py)",
+    ("magnet", "patience"): "a schedule over many steps (test_zoo_entropy.py)",
+    ("ec-dlm", "missing_timestep"): "the probe always passes a timestep (test_zoo_ec_dlm.py)",
+    ("cosine", "bandpass_loss_coef"): "the band needs the loss on in both runs (test_zoo_geometry.py)",
+    ("sra", "bandpass_loss_coef"): "the band needs the loss on in both runs (test_zoo_geometry.py)",
+    ("blockffn", "chunk_adaptive"): "a schedule over many steps (test_zoo_relu.py)",
+    ("blockffn", "chunk_stable_steps"): "a schedule over many steps (test_zoo_relu.py)",
 }
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+import routelab
 from routelab import MoE, create_router, end_of_step
 from routelab.core.errors import ConfigError
 from routelab.moe import apply_hops
@@ -197,3 +198,24 @@ def test_kmeans_state_dict_roundtrip_and_first_batch_init():
     clone = create_router("kmeans", d_model=8, num_experts=4)
     clone.load_state_dict(router.state_dict())
     assert torch.equal(clone.eval()(x).topk_idx, router.eval()(x).topk_idx)
+
+
+@pytest.mark.parametrize("router", ["cosine", "sra"])
+def test_bandpass_loss_acts_only_outside_its_band(router):
+    """E^2 mean_e relu(p_lo - P_e)^2 + relu(P_e - p_hi)^2: zero inside the band, positive (with a
+    gradient into the router) when every load is below a raised lower edge; absent at coefficient 0."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 8)
+    off = routelab.moe_layer(d_model=8, d_hidden=12, num_experts=8, router=router, bandpass_loss_coef=0.0).train()
+    assert "bandpass" not in off(x).routing.losses
+    torch.manual_seed(0)
+    wide = routelab.moe_layer(d_model=8, d_hidden=12, num_experts=8, router=router, bandpass_loss_coef=0.1,
+                              bandpass_low=0.0, bandpass_high=1.0).train()
+    assert float(wide(x).routing.losses["bandpass"]) == 0.0
+    torch.manual_seed(0)
+    low = routelab.moe_layer(d_model=8, d_hidden=12, num_experts=8, router=router, bandpass_loss_coef=0.1,
+                             bandpass_low=0.9, bandpass_high=1.0).train()
+    out = low(x)
+    assert float(out.routing.losses["bandpass"]) > 0
+    out.aux_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in low.router.parameters())

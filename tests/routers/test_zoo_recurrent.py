@@ -139,3 +139,20 @@ def test_bad_options_are_refused() -> None:
         routelab.create_router("rmoe", d_model=D, num_experts=E, layer_index=-1)
     with pytest.raises(routelab.ConfigError, match="rnn_hidden_size"):
         routelab.create_router("rmoe", d_model=D, num_experts=E, rnn_hidden_size=0)
+
+
+def test_carry_key_and_layer_index_choose_the_state_a_layer_reads_and_writes() -> None:
+    torch.manual_seed(0)
+    cell = nn.GRUCell(R, R)
+    make = lambda layer, key: routelab.create_router(  # noqa: E731
+        "rmoe", d_model=D, num_experts=E, rnn_cell=cell, rnn_hidden_size=R, layer_index=layer, carry_key=key)
+    x = torch.randn(4, D)
+    context = RoutingContext()
+    route_stack([make(0, "stack-a")], x, context)
+    assert set(context.carry) == {"stack-a"} and context.carry["stack-a"][0] == 0  # written under its key
+    with pytest.raises(routelab.InputError, match="needs the routing state of layer 0"):
+        route_stack([make(1, "stack-b")], x, context)  # another key: nothing carried for it
+    route_stack([make(1, "stack-a")], x, context)
+    assert context.carry["stack-a"][0] == 1
+    with pytest.raises(routelab.InputError, match="needs the routing state of layer 2"):
+        route_stack([make(3, "stack-a")], x, context)  # a skipped layer index is refused

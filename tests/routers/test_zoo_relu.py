@@ -195,3 +195,16 @@ def test_blockffn_options_checked():
         create_router("remoe", d_model=8, num_experts=4, target_sparsity=1.0)
     with pytest.raises(ConfigError, match="cls_window"):
         create_router("remoe", d_model=8, num_experts=4, cls_window=0)
+
+
+def test_cs_coefficient_stays_fixed_without_adaptation():
+    """chunk_adaptive=False: the schedule of test_cs_coefficient_schedule leaves the coefficient alone."""
+    router = create_router("blockffn", d_model=8, num_experts=4, chunk_stable_steps=4, chunk_window=2,
+                           chunk_adaptive=False)
+    loss = next(part for part in router.losses if part.name == "chunk_sparsity")
+    initial = loss.coef
+    for value in (1.0, 1.0, 1.0, 1.0, 1.01, 1.01, 1.01, 0.505, 0.5, 0.5):
+        loss.pending_sum.fill_(value)
+        loss.pending_count.fill_(1)
+        loss.end_of_step()
+    assert loss.coef == pytest.approx(initial)
