@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ import routelab
 from routelab.core.cpu_allocator import tune_cpu_allocator_from_env
 from routelab.parallel import ExpertParallelMoE, LLEPConfig, route_global
 from routelab.parallel.dispatch import exchange_weights
+from routelab.parallel.replay_timing import slowest_rank_time
 from routelab.parallel.spawn import run_workers
 from routelab.systems.ep import EPCostModel, contiguous_placement, llep_plan, standard_plan, step_cost
 
@@ -60,21 +60,6 @@ def build_layer(args: argparse.Namespace, zipf: float) -> routelab.MoE:
 def batch_of(args: argparse.Namespace) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     return torch.randn(args.tokens // 128, 128, args.d_model, generator=gen)
-
-
-def slowest(elapsed: float, group) -> float:  # noqa: ANN001
-    value = torch.tensor([elapsed], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return float(value)
-
-
-def time_once(fn, group, *, alone: bool = False) -> float:  # noqa: ANN001
-    """The slowest rank's time of ``fn()`` (``alone``: rank 0 runs it while the others wait)."""
-    dist.barrier(group=group)
-    start = time.perf_counter()
-    if not alone or dist.get_rank() == 0:
-        fn()
-    return slowest(time.perf_counter() - start, group)
 
 
 class Variant:
@@ -173,12 +158,12 @@ def ep_worker(rank: int, world: int, args: argparse.Namespace, zipf: float, with
     for index in range(args.rounds + 1):
         for name, variant in variants.items():
             for part in PARTS:
-                elapsed = time_once(getattr(variant, part), group)
+                elapsed = slowest_rank_time(getattr(variant, part), group)
                 if index:  # the first round warms up
                     times[name][part].append(elapsed)
         if single is not None:
             for part, fn in (("step", single_step), ("forward", single_forward)):
-                elapsed = time_once(fn, group, alone=True)
+                elapsed = slowest_rank_time(fn, group, alone=True)
                 if index:
                     times["single"][part].append(elapsed)
     return {"times": times, **{name: v.summary() for name, v in variants.items()}}

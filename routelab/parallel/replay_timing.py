@@ -66,10 +66,13 @@ class ReplayShape:
     top_k: int
 
 
-def _timed(fn, group) -> float:  # noqa: ANN001
+def slowest_rank_time(fn, group, *, alone: bool = False) -> float:  # noqa: ANN001
+    """The slowest rank's wall time of ``fn()`` after a barrier (``alone``: only rank 0 runs it
+    while the others wait, e.g. a single-process reference inside an EP job)."""
     dist.barrier(group=group)
     start = time.perf_counter()
-    fn()
+    if not alone or dist.get_rank(group) == 0:
+        fn()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
     return float(elapsed)
@@ -96,7 +99,7 @@ def _replay_worker(rank: int, world: int, topk_idx_LTK: np.ndarray, shape: Repla
         times: dict[str, list[float]] = {"standard": [], "llep": []}
         for index in range(rounds + 1):
             for name, layer in layers.items():
-                elapsed = _timed(lambda layer=layer: layer(x).y.square().mean().backward(), group)
+                elapsed = slowest_rank_time(lambda layer=layer: layer(x).y.square().mean().backward(), group)
                 if index:  # the first round warms up
                     times[name].append(elapsed)
         standard_s.append(statistics.median(times["standard"]))
@@ -127,4 +130,4 @@ def llep_step_speedup(topk_idx_LTK: np.ndarray, shape: ReplayShape, *, world: in
     return {"speedup": float(speedup), "world": world, "tokens": usable, "rounds": rounds, **result}
 
 
-__all__ = ["RecordedLogits", "ReplayShape", "llep_step_speedup", "recorded_logits"]
+__all__ = ["RecordedLogits", "ReplayShape", "llep_step_speedup", "recorded_logits", "slowest_rank_time"]

@@ -181,7 +181,7 @@ class QueryDataset:
             values = table.column(column)
             try:
                 values = values.cast(pa.float64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            except pa.ArrowException:  # not a number, or a type arrow cannot cast to float
                 raise InputError(f"{where}: column {column!r} must be numeric.") from None
             out = np.full((Q, M), np.nan)
             out[q_idx, m_idx] = values.to_numpy(zero_copy_only=False)

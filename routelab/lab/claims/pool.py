@@ -204,10 +204,5 @@ def _stop(workers: list[Any], stop: Any, console: Console) -> None:
             worker.join()
 
 
-def default_jobs(threads: int, runs: int) -> int:
-    """One single-threaded worker per available thread, at most one per run."""
-    return max(1, min(threads, runs))
-
-
-__all__ = ["RunFailed", "WorkerSetup", "default_jobs", "train_in_parallel"]
+__all__ = ["RunFailed", "WorkerSetup", "train_in_parallel"]
 
